@@ -1,0 +1,92 @@
+"""Peak memory of running a stage, each measurement in a fresh Python process so none pollutes the next.
+
+`python -m optitool.bench.memory JOB.json` loads the stage, runs it a few times and prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def measure_in_subprocess(job: dict[str, Any], inputs: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """Run the probe on `job` (artifact location, runtime, device, threads) with these torch inputs."""
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="optitool-mem-") as tmp:
+        torch.save({k: v.cpu() for k, v in inputs.items()}, Path(tmp) / "inputs.pt")
+        job = {**job, "inputs": str(Path(tmp) / "inputs.pt")}
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-m", "optitool.bench.memory", str(Path(tmp) / "job.json")],
+                              capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"memory probe failed: {tail}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _load(job: dict[str, Any]) -> Any:
+    from optitool.artifacts import OnnxModel
+    from optitool.config import ModelSpec
+    from optitool.models.loaders import LOADERS, load_stage
+
+    if job["artifact"] == "onnx":
+        return OnnxModel(Path(job["path"]))
+    if job["artifact"] == "stage":
+        return load_stage(Path(job["path"]), LOADERS)
+    spec = ModelSpec.model_validate(job["origin"])
+    return LOADERS[spec.source].load(spec, Path("/"))
+
+
+def probe(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from optitool.plugins import get_plugin_manager
+
+    runtime = get_plugin_manager(autoload=False).registry.runtimes[job["runtime"]].obj()
+    inputs = torch.load(job["inputs"], weights_only=True)
+    before = _rss_mb()
+    cuda = job["device"] == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    artifact = _load(job)
+    run = runtime.prepare(artifact, job["device"], job.get("threads", 0))
+    for _ in range(job.get("iterations", 3)):
+        run(inputs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    result = {"peak_rss_mb": round(peak, 1), "model_rss_mb": round(peak - before, 1)}
+    if cuda and job["runtime"].startswith("torch"):
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    elif cuda:
+        result["peak_gpu_mb"] = _nvml_used_mb()
+    return result
+
+
+def _nvml_used_mb() -> float | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        import os
+
+        if proc.pid == os.getpid() and proc.usedGpuMemory:
+            return round(proc.usedGpuMemory / 2**20, 1)
+    return None
+
+
+if __name__ == "__main__":
+    print(json.dumps(probe(json.loads(Path(sys.argv[1]).read_text()))))

@@ -1,0 +1,175 @@
+"""Benchmark runtimes: what executes a stage for timing. Each says plainly when it cannot run here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
+
+
+class Runtime:
+    """`prepare` returns a function that runs one inference on a dict of torch tensors and waits for it."""
+
+    name: str = ""
+    kinds: tuple[str, ...] = ("torch",)
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def unavailable(self, device: str) -> str | None:
+        """Why this runtime cannot run on `device` here, or None when it can."""
+        return None if device in self.devices else f"{self.name} does not run on {device}"
+
+    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def notes(self) -> list[str]:
+        """Anything the report should say about how the model ran (fallbacks, unfused nodes)."""
+        return []
+
+
+def _cuda_timed(fn: Any) -> Any:
+    import torch
+
+    def run(inputs: Any) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(inputs)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    return run
+
+
+class TorchEager(Runtime):
+    name = "torch_eager"
+    dtype = "float32"
+
+    def unavailable(self, device: str) -> str | None:
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
+        if self.dtype == "float16" and device == "cpu":
+            return "fp16 inference is for GPUs; on CPU use torch_eager or torch_bf16"
+        return None
+
+    def module_for(self, artifact: TorchModel, device: str) -> Any:
+        import torch
+
+        module = artifact.module.to(device)
+        if self.dtype != "float32":
+            import copy
+
+            module = copy.deepcopy(module).to(getattr(torch, self.dtype))
+        return module.eval()
+
+    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> Any:
+        import torch
+
+        assert isinstance(artifact, TorchModel)
+        if threads:
+            torch.set_num_threads(threads)
+        module = self.module_for(artifact, device)
+        dtype = getattr(torch, self.dtype)
+
+        def call(inputs: dict[str, Any]) -> None:
+            moved = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+            with torch.inference_mode():
+                module(**moved)
+
+        return _cuda_timed(call) if device == "cuda" else call
+
+
+class TorchFp16(TorchEager):
+    name = "torch_fp16"
+    dtype = "float16"
+
+
+class TorchBf16(TorchEager):
+    name = "torch_bf16"
+    dtype = "bfloat16"
+
+
+class TorchCompile(TorchEager):
+    name = "torch_compile"
+
+    def module_for(self, artifact: TorchModel, device: str) -> Any:
+        import torch
+
+        return torch.compile(super().module_for(artifact, device), dynamic=False)
+
+
+class OnnxRuntime(Runtime):
+    """onnxruntime with the CPU, CUDA or TensorRT execution provider."""
+
+    name = "onnxruntime"
+    kinds = ("onnx",)
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+    def __init__(self) -> None:
+        self._notes: list[str] = []
+
+    def _provider(self, device: str) -> str:
+        return self.provider[device]
+
+    def unavailable(self, device: str) -> str | None:
+        import onnxruntime as ort
+
+        wanted = self._provider(device)
+        if wanted not in ort.get_available_providers():
+            return (f"onnxruntime here has no {wanted} (available: {', '.join(ort.get_available_providers())}); "
+                    "install onnxruntime-gpu for CUDA")
+        return None
+
+    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> Any:
+        import onnxruntime as ort
+
+        assert isinstance(artifact, OnnxModel)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = [self._provider(device)]
+        if providers[0] != "CPUExecutionProvider":
+            providers.append("CPUExecutionProvider")
+        session = ort.InferenceSession(str(artifact.path), options, providers=providers)
+        used = session.get_providers()
+        self._notes = []
+        if used[0] != providers[0]:
+            self._notes.append(f"onnxruntime fell back to {used[0]} instead of {providers[0]}")
+        self._notes += quantization_notes(artifact.path, device)
+        names = [i.name for i in session.get_inputs()]
+
+        def call(inputs: dict[str, Any]) -> None:
+            session.run(None, {k: v.numpy() for k, v in inputs.items() if k in names})
+
+        return call
+
+    def notes(self) -> list[str]:
+        return list(self._notes)
+
+
+class OnnxRuntimeTensorRT(OnnxRuntime):
+    name = "onnxruntime_trt"
+    provider = {"cuda": "TensorrtExecutionProvider"}
+    devices = ("cuda",)
+
+    def unavailable(self, device: str) -> str | None:
+        if device != "cuda":
+            return "TensorRT runs on CUDA GPUs only"
+        return super().unavailable(device)
+
+
+def quantization_notes(path: Any, device: str) -> list[str]:
+    """On GPU, QuantizeLinear/DequantizeLinear pairs that no kernel fuses make int8 slower, not faster."""
+    if device != "cuda":
+        return []
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    pairs = min(ops.count("QuantizeLinear"), ops.count("DequantizeLinear"))
+    return [f"{pairs} QuantizeLinear/DequantizeLinear pairs are in the graph; without TensorRT they run "
+            "unfused"] if pairs else []
+
+
+BUILTIN_RUNTIMES = (TorchEager, TorchFp16, TorchBf16, TorchCompile, OnnxRuntime, OnnxRuntimeTensorRT)

@@ -1,0 +1,34 @@
+"""The core's own plugin: model loaders, benchmark runtimes and metrics, registered through the same hooks
+third-party plugins use. It knows no particular pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+hookimpl = pluggy.HookimplMarker("optitool")
+
+
+@hookimpl
+def optitool_register_loaders(registry: Any) -> None:
+    from optitool.models.loaders import LOADERS
+
+    for loader in LOADERS.values():
+        registry.add_loader(loader)
+
+
+@hookimpl
+def optitool_register_runtimes(registry: Any) -> None:
+    from optitool.bench.runtimes import BUILTIN_RUNTIMES
+
+    for runtime in BUILTIN_RUNTIMES:
+        registry.add_runtime(runtime)
+
+
+@hookimpl
+def optitool_register_metrics(registry: Any) -> None:
+    from optitool.metrics import BUILTIN_METRICS
+
+    for name, fn in BUILTIN_METRICS.items():
+        registry.add_metric(name, fn)

@@ -1,0 +1,284 @@
+"""The command line. Imports here stay light: torch and onnxruntime load only inside commands that run models."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from optitool.errors import BudgetError, ConfigError, OptitoolError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"optitool: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn optitool's errors into a one-paragraph message and an exit code; a traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except OptitoolError as exc:
+            if debug:
+                traceback.print_exc()
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("optitool: interrupted; finished stages are kept, no half-written stage was left", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - last resort: still no traceback unless asked
+            if debug:
+                traceback.print_exc()
+            _fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_FAILED)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--block", "blocked", multiple=True, metavar="PLUGIN", help="Do not load this plugin (repeatable).")
+@click.version_option(package_name="optitool")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, blocked: tuple[str, ...]) -> None:
+    """optitool: make a model smaller and faster, and prove it.
+
+    \b
+    optitool run PIPELINE.toml      run the passes, evaluate, benchmark and report
+    optitool validate PIPELINE.toml check a pipeline without loading anything
+    optitool passes                 list the passes plugins provide
+    optitool bench MODEL            benchmark a model or run folder
+    optitool compare BASE NEW       compare two reports, flag regressions beyond the noise
+
+    Exit codes: 0 success, 1 run failed or budget not met, 2 usage or configuration error.
+    """
+    ctx.obj = {"blocked": blocked}
+
+
+def _plugins(ctx: click.Context) -> Any:
+    import warnings
+
+    from optitool.plugins import get_plugin_manager
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plugins = get_plugin_manager(blocked=ctx.find_root().obj["blocked"])
+    for w in caught:
+        click.echo(f"optitool: warning: {w.message}", err=True)
+    return plugins
+
+
+def _spec(ctx: click.Context, pipeline: str, overrides: tuple[str, ...]) -> tuple[Any, Any]:
+    from optitool.config import load_pipeline
+
+    plugins = _plugins(ctx)
+    return plugins, load_pipeline(pipeline, plugins.registry, overrides)
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path())
+@click.option("--output", "-o", type=click.Path(), help="Run folder (default: [output].dir, runs/<name>).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a pipeline key, e.g. --set passes.0.sparsity=0.7 (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--no-benchmark", is_flag=True, help="Skip the benchmark (evaluation still runs).")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors and the final verdict.")
+@click.pass_context
+@handled
+def run(ctx: click.Context, pipeline: str, output: str | None, device: str, overrides: tuple[str, ...],
+        overwrite: bool, no_benchmark: bool, quiet: bool) -> None:
+    """Run PIPELINE: load the model, run the passes, evaluate, benchmark, write the report."""
+    from optitool.report.table import budget_lines, terminal_table
+    from optitool.runner import Runner, prepare_run_dir
+
+    plugins, spec = _spec(ctx, pipeline, overrides)
+    run_dir = prepare_run_dir(spec, output, overwrite)
+    result = Runner(spec, plugins, run_dir, device=device, overwrite=overwrite, quiet=quiet,
+                    benchmark=not no_benchmark).run()
+    report = result.report
+    if not quiet:
+        click.echo("\n" + terminal_table(report))
+    for line in budget_lines(report.get("budget")):
+        click.echo(line)
+    click.echo(f"report: {run_dir / 'report.json'}  summary: {run_dir / 'report.md'}")
+    budget = report.get("budget")
+    if budget and not budget["passed"]:
+        failed = [c["message"] for c in budget["checks"] if not c["passed"]]
+        raise BudgetError("budget not met: " + "; ".join(failed))
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.pass_context
+@handled
+def validate(ctx: click.Context, pipeline: str, overrides: tuple[str, ...]) -> None:
+    """Check PIPELINE (every pass's settings and the chain of kinds) without loading any model."""
+    _, spec = _spec(ctx, pipeline, overrides)
+    chain = " -> ".join(["model"] + [f"{p.stage_name} ({p.input_kind}->{p.output_kind})" for p in spec.active_passes])
+    click.echo(f"{pipeline}: valid. {chain}")
+
+
+def _pass_rows(plugins: Any) -> list[dict[str, Any]]:
+    infos = {i.name: i for i in plugins.infos}
+    rows = []
+    for name, reg in sorted(plugins.registry.passes.items()):
+        cls = reg.obj
+        info = infos.get(reg.plugin)
+        rows.append({"name": name, "plugin": reg.plugin, "version": info.version if info else "",
+                     "origin": info.origin if info else "", "takes": list(cls.accepted_kinds()), "gives": cls.gives,
+                     "description": (cls.__doc__ or "").strip().split("\n")[0],
+                     "schema": cls.Config.model_json_schema()})
+    return rows
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable list with each pass's settings schema.")
+@click.option("--schema", metavar="NAME", help="Print the JSON Schema of one pass's settings.")
+@click.pass_context
+@handled
+def passes(ctx: click.Context, as_json: bool, schema: str | None) -> None:
+    """List every registered pass with its plugin, the kinds it takes and gives, and its settings."""
+    rows = _pass_rows(_plugins(ctx))
+    if schema:
+        match = [r for r in rows if r["name"] == schema]
+        if not match:
+            raise ConfigError(f"no pass named {schema!r}; known: {', '.join(r['name'] for r in rows)}")
+        click.echo(json.dumps(match[0]["schema"], indent=2))
+        return
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        kinds = f"{'|'.join(r['takes'])} -> {r['gives']}"
+        click.echo(f"{r['name']:<20} {kinds:<22} {r['plugin']} {r['version']} ({r['origin']})")
+        if r["description"]:
+            click.echo(f"    {r['description']}")
+        for key, prop in r["schema"].get("properties", {}).items():
+            default = prop.get("default", "(required)")
+            click.echo(f"    {key:<22} {prop.get('description', '')[:70]}  [default: {default}]")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """Show each plugin: version, where it came from, what it registers, and errors of broken ones."""
+    loaded = _plugins(ctx)
+    rows = [{"name": i.name, "module": i.module, "version": i.version, "origin": i.origin, "blocked": i.blocked,
+             "error": i.error, "registers": {k: v for k, v in i.registered.items() if v}} for i in loaded.infos]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        state = "BLOCKED" if r["blocked"] else ("BROKEN" if r["error"] else "ok")
+        click.echo(f"{r['name']:<12} {r['version'] or '-':<8} {r['origin']:<12} {state:<8} {r['module']}")
+        for what, names in r["registers"].items():
+            click.echo(f"    {what}: {', '.join(names)}")
+        if r["error"]:
+            click.echo(f"    error: {r['error']}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--source", default="auto", show_default=True,
+              help="Loader for MODEL (auto: run folder, stage folder, .onnx file or Hugging Face folder).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--runtime", "runtimes", multiple=True, help="Runtime(s) to use (default: torch_eager, onnxruntime).")
+@click.option("--batch-sizes", default="1,8", show_default=True)
+@click.option("--sequence-lengths", default="128", show_default=True)
+@click.option("--threads", type=int, default=0, help="Intra-op threads (0: all cores).")
+@click.option("--min-iterations", type=int, default=20, show_default=True)
+@click.option("--min-seconds", type=float, default=2.0, show_default=True)
+@click.option("--memory/--no-memory", default=False, show_default=True, help="Peak memory in a fresh process.")
+@click.option("--output", "-o", type=click.Path(), help="Write the report (JSON) here.")
+@click.pass_context
+@handled
+def bench(ctx: click.Context, model: str, source: str, device: str, runtimes: tuple[str, ...], batch_sizes: str,
+          sequence_lengths: str, threads: int, min_iterations: int, min_seconds: float, memory: bool,
+          output: str | None) -> None:
+    """Benchmark MODEL (a model, a stage folder or a whole run folder) without a pipeline."""
+    from optitool.bench.standalone import bench_command
+
+    def ints(text: str, name: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--{name} must be comma-separated integers, not {text!r}") from None
+        if not values or min(values) < 1:
+            raise ConfigError(f"--{name} needs positive integers")
+        return values
+
+    report = bench_command(_plugins(ctx), Path(model), source=source, device=device, runtimes=list(runtimes),
+                           batch_sizes=ints(batch_sizes, "batch-sizes"),
+                           sequence_lengths=ints(sequence_lengths, "sequence-lengths"), threads=threads,
+                           min_iterations=min_iterations, min_seconds=min_seconds, memory=memory)
+    from optitool.report.table import terminal_table
+
+    click.echo(terminal_table(report))
+    if output:
+        from optitool import atomic
+
+        atomic.write_json(Path(output), report)
+        click.echo(f"report: {output}")
+
+
+def _percent(text: str) -> float:
+    try:
+        return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ConfigError(f"--max-regression must be a number or a percentage like 5%, not {text!r}") from None
+
+
+@cli.command()
+@click.argument("base", type=click.Path())
+@click.argument("new", type=click.Path())
+@click.option("--max-regression", default="5%", show_default=True, help="Latency slowdown allowed beyond the noise.")
+@click.option("--max-metric-drop", type=float, default=0.01, show_default=True,
+              help="Absolute drop allowed in accuracy, fidelity, macro F1 or top-1 agreement.")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table (for $GITHUB_STEP_SUMMARY).")
+@click.pass_context
+@handled
+def compare(ctx: click.Context, base: str, new: str, max_regression: str, max_metric_drop: float,
+            markdown: bool) -> None:
+    """Compare two report.json files; exit 1 when NEW regresses beyond the threshold and the noise."""
+    from optitool.compare import compare_reports, render
+
+    reports = []
+    for path in (base, new):
+        file = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{path}: no report.json there")
+        try:
+            reports.append(json.loads(file.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{file} is not valid JSON: {exc}") from None
+    result = compare_reports(reports[0], reports[1], max_regression=_percent(max_regression),
+                             max_metric_drop=max_metric_drop)
+    click.echo(render(result, markdown=markdown))
+    if result["regressions"]:
+        sys.exit(EXIT_FAILED)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli(prog_name="optitool")
+
+
+if __name__ == "__main__":
+    main()

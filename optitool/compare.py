@@ -1,0 +1,76 @@
+"""Compare two reports stage by stage and shape by shape, separating regressions from noise.
+
+A latency regression is reported only when BOTH hold: the slowdown (median new / median base) is above
+the threshold, and its 95 % percentile-bootstrap interval (both samples resampled) lies entirely above 1,
+so the difference is larger than the noise the two samples show. Quality metrics regress when they drop
+by more than `max_metric_drop` (absolute).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optitool.bench.stats import speedup_interval
+from optitool.report.table import markdown_table
+
+QUALITY = ("accuracy", "fidelity", "macro_f1", "top1_agreement")
+
+
+def compare_reports(base: dict[str, Any], new: dict[str, Any], *, max_regression: float = 0.05,
+                    max_metric_drop: float = 0.01) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    base_stages = {s["name"]: s for s in base.get("stages", [])}
+    for stage in new.get("stages", []):
+        old = base_stages.get(stage["name"])
+        if old is None:
+            rows.append({"stage": stage["name"], "what": "stage", "verdict": "new", "detail": "not in the base report"})
+            continue
+        old_bench = {(b["runtime"], b["shape"]): b for b in old.get("benchmarks", [])}
+        for b in stage.get("benchmarks", []):
+            ref = old_bench.get((b["runtime"], b["shape"]))
+            if ref is None or not ref.get("samples_ms") or not b.get("samples_ms"):
+                continue
+            # speedup_interval(new, base) = median(new) / median(base): above 1 means slower now.
+            slow = speedup_interval(b["samples_ms"], ref["samples_ms"])
+            change = slow.ratio - 1
+            regressed = slow.low > 1.0 and change > max_regression
+            improved = slow.high < 1.0 and -change > max_regression
+            rows.append({"stage": stage["name"], "what": f"latency {b['runtime']} {b['shape']}",
+                         "base": ref["median_ms"], "new": b["median_ms"], "change": change,
+                         "interval": [slow.low - 1, slow.high - 1],
+                         "verdict": "regression" if regressed else "improvement" if improved else "unchanged"})
+        for key in QUALITY:
+            a, b2 = old.get("metrics", {}).get(key), stage.get("metrics", {}).get(key)
+            if a is None or b2 is None:
+                continue
+            drop = a - b2
+            rows.append({"stage": stage["name"], "what": key, "base": a, "new": b2, "change": -drop,
+                         "verdict": "regression" if drop > max_metric_drop else "unchanged"})
+    return {"regressions": sum(r["verdict"] == "regression" for r in rows), "rows": rows,
+            "max_regression": max_regression, "max_metric_drop": max_metric_drop}
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    change = row.get("change")
+    interval = row.get("interval")
+    return [row["stage"], row["what"], num(row.get("base")), num(row.get("new")),
+            "-" if change is None else f"{change:+.1%}",
+            "-" if not interval else f"{interval[0]:+.1%} … {interval[1]:+.1%}", row["verdict"]]
+
+
+HEADER = ["stage", "measure", "base", "new", "change", "95% interval", "verdict"]
+
+
+def render(result: dict[str, Any], *, markdown: bool) -> str:
+    rows = [_cells(r) for r in result["rows"]]
+    summary = (f"{result['regressions']} regression(s) beyond {result['max_regression']:.0%} latency "
+               f"(and outside the noise) or {result['max_metric_drop']} quality")
+    if markdown:
+        return markdown_table(HEADER, rows) + "\n\n" + summary + "\n"
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADER)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines + ["", summary])

@@ -1,0 +1,383 @@
+"""TOML pipeline file -> PipelineSpec, fully validated (every pass's settings included) before anything loads."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from optitool.errors import ConfigError
+from optitool.passes import Pass, PassConfig
+from optitool.registry import Registry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RESERVED_PASS_KEYS = ("pass", "name", "enabled")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Section):
+    """One model input for models without a tokenizer: shape with "batch" (and "sequence") as named axes."""
+
+    shape: list[int | Literal["batch", "sequence"]]
+    dtype: Literal["float32", "float16", "int64", "int32", "bool"] = "float32"
+    low: float = 0.0
+    high: float = 1.0
+
+
+class ModelSpec(_Section):
+    source: str
+    path: str | None = None
+    name: str | None = None
+    factory: str | None = None
+    checkpoint: str | None = None
+    task: str | None = None
+    num_labels: int | None = Field(default=None, ge=1)
+    max_length: int = Field(default=128, ge=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, InputSpec] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _shape_lists(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: ({"shape": v} if isinstance(v, list) else v) for k, v in value.items()}
+        return value
+
+
+class DataSpec(_Section):
+    source: Literal["folder", "jsonl", "csv", "parquet", "hf_disk", "python", "synthetic", "samples"] = "samples"
+    path: str | None = None
+    function: str | None = None
+    text_field: str = "text"
+    label_field: str | None = "label"
+    labels: list[str] | None = None
+    limit: int | None = Field(default=None, ge=1)
+    max_length: int | None = Field(default=None, ge=1)
+    size: int = Field(default=256, ge=1)
+    splits: dict[Literal["train", "calibration", "eval"], float] = Field(
+        default_factory=lambda: {"train": 0.6, "calibration": 0.1, "eval": 0.3})
+
+    @field_validator("splits")
+    @classmethod
+    def _check_splits(cls, splits: dict[str, float]) -> dict[str, float]:
+        fractions = [v for v in splits.values() if 0 < v < 1]
+        if any(v <= 0 for v in splits.values()):
+            raise ValueError("each split is a fraction in (0, 1) or a count >= 1")
+        if any(v >= 1 and v != int(v) for v in splits.values()):
+            raise ValueError("a split of 1 or more is a count and must be a whole number")
+        if sum(fractions) > 1.0 + 1e-9:
+            raise ValueError(f"the split fractions add up to {sum(fractions):.3g}, more than 1")
+        return splits
+
+
+class BenchmarkSpec(_Section):
+    enabled: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    runtimes: list[str] = Field(default_factory=lambda: ["torch_eager", "onnxruntime"])
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
+    sequence_lengths: list[int] = Field(default_factory=lambda: [128])
+    warmup: int = Field(default=3, ge=0)
+    min_iterations: int = Field(default=10, ge=3)
+    max_iterations: int = Field(default=200, ge=3)
+    min_seconds: float = Field(default=1.0, ge=0)
+    threads: int = Field(default=0, ge=0)
+    memory: bool = True
+    stages: list[str] | Literal["all"] = "all"
+
+
+class BudgetSpec(_Section):
+    max_accuracy_drop: float | None = Field(default=None, ge=0)
+    min_fidelity: float | None = None
+    min_speedup: float | None = Field(default=None, gt=0)
+    max_latency_ms: float | dict[str, float] | None = None
+    max_size_mb: float | None = Field(default=None, gt=0)
+    max_peak_memory_mb: float | None = Field(default=None, gt=0)
+    stage: str = "final"
+
+
+class OutputSpec(_Section):
+    dir: str = "runs/{name}"
+    plots: bool = True
+    keep_artifacts: bool = True
+
+
+class PassSpec(BaseModel):
+    """One `[[passes]]` entry: the registered pass, its stage name and its validated settings."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    index: int
+    pass_name: str
+    stage_name: str
+    enabled: bool
+    settings: dict[str, Any]
+    config: PassConfig
+    input_kind: str = ""
+    output_kind: str = ""
+
+    def make(self, registry: Registry) -> Pass:
+        return registry.pass_class(self.pass_name)(self.config)
+
+
+class PipelineSpec(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    name: str
+    seed: int
+    model: ModelSpec
+    data: DataSpec | None
+    passes: list[PassSpec]
+    benchmark: BenchmarkSpec
+    budget: BudgetSpec | None
+    output: OutputSpec
+    base_dir: Path
+    source: Path | None
+    raw: dict[str, Any]
+
+    @property
+    def active_passes(self) -> list[PassSpec]:
+        return [p for p in self.passes if p.enabled]
+
+    def resolved(self) -> dict[str, Any]:
+        """The configuration as run: every default filled in, for report.json and the run folder."""
+        return {
+            "name": self.name, "seed": self.seed,
+            "model": self.model.model_dump(exclude_defaults=False),
+            "data": self.data.model_dump() if self.data else None,
+            "passes": [{"pass": p.pass_name, "name": p.stage_name, "enabled": p.enabled,
+                        **p.config.model_dump(mode="json")} for p in self.passes],
+            "benchmark": self.benchmark.model_dump(),
+            "budget": self.budget.model_dump(exclude_none=True) if self.budget else None,
+            "output": self.output.model_dump(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _explain(error: dict[str, Any]) -> str:
+    kind, loc = error["type"], error["loc"]
+    if kind == "extra_forbidden":
+        return f"unknown key {loc[-1]!r}"
+    if kind == "missing":
+        return f"required key {loc[-1]!r} is missing"
+    got = error.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    return f"{error['msg'].rstrip('.')}{shown}"
+
+
+def format_validation_error(exc: ValidationError, where: str, prefix: tuple[Any, ...] = ()) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in (*prefix, *err["loc"]) if not (isinstance(p, str) and p.startswith("function-")))
+        problems.append(f"{_where(loc[:-1] if err['type'] in ('extra_forbidden', 'missing') else loc) if loc else ''}"
+                        f"{': ' if loc else ''}{_explain(err)}")
+    return f"{where}: " + "; ".join(problems)
+
+
+def parse_value(text: str) -> Any:
+    """A --set value is read as a TOML value (0.7, true, [1, 2], "x"), or as a plain string otherwise."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, for example --set passes.0.sparsity=0.7")
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {here!r} does not exist (the list has {len(node)} entries, "
+                                  f"numbered from 0)")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if part not in node:
+                if here in _SECTIONS:
+                    node[part] = {}
+                else:
+                    raise ConfigError(f"--set {key}: there is no {here!r} in the pipeline")
+            node = node[part]
+        else:
+            raise ConfigError(f"--set {key}: {here!r} is a value, not a table")
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: cannot set {parts[-1]!r} inside a list or value")
+    node[parts[-1]] = parse_value(value.strip())
+
+
+_SECTIONS = ("model", "data", "benchmark", "budget", "output", "data.splits", "model.inputs")
+_TOP_KEYS = {"name", "seed", "model", "data", "passes", "benchmark", "budget", "output"}
+
+
+def load_pipeline(path: str | Path, registry: Registry, overrides: tuple[str, ...] = ()) -> PipelineSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the pipeline file: {exc}") from exc
+    return parse_pipeline_text(text, registry, base_dir=path.resolve().parent, source=path, overrides=overrides)
+
+
+def parse_pipeline_text(text: str, registry: Registry, *, base_dir: Path, source: Path | None = None,
+                        overrides: tuple[str, ...] = ()) -> PipelineSpec:
+    where = str(source) if source else "pipeline"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+    raw = copy.deepcopy(raw)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return build_spec(raw, registry, base_dir=base_dir, source=source, where=where, overrides=overrides)
+
+
+def _section(cls: type[BaseModel], raw: Any, key: str, where: str, overrides: tuple[str, ...]) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: [{key}] must be a table, not {type(raw).__name__}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        message = format_validation_error(exc, where, (key,))
+        raise ConfigError(message + _override_hint(overrides, key)) from None
+
+
+def _override_hint(overrides: tuple[str, ...], prefix: str) -> str:
+    used = [o.partition("=")[0] for o in overrides if o.startswith(prefix)]
+    return f" (set on the command line with --set {', --set '.join(used)})" if used else ""
+
+
+def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, source: Path | None = None,
+               where: str = "pipeline", overrides: tuple[str, ...] = ()) -> PipelineSpec:
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown top-level key {unknown[0]!r}; the pipeline file knows "
+                          f"{', '.join(sorted(_TOP_KEYS))}" + _override_hint(overrides, unknown[0]))
+    name = raw.get("name", source.stem if source else "pipeline")
+    seed = raw.get("seed", 0)
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\"):
+        raise ConfigError(f"{where}: `name` must be a non-empty string without slashes (got {name!r})")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}: `seed` must be an integer (got {seed!r})")
+    if "model" not in raw:
+        raise ConfigError(f"{where}: the [model] table is missing; it says which model to load, e.g.\n"
+                          '[model]\nsource = "hf"\npath = "path/to/model"')
+    model = _section(ModelSpec, raw["model"], "model", where, overrides)
+    data = _section(DataSpec, raw["data"], "data", where, overrides) if "data" in raw else None
+    benchmark = _section(BenchmarkSpec, raw.get("benchmark", {}), "benchmark", where, overrides)
+    budget = _section(BudgetSpec, raw["budget"], "budget", where, overrides) if "budget" in raw else None
+    output = _section(OutputSpec, raw.get("output", {}), "output", where, overrides)
+    _check_loader(model, registry, base_dir, where)
+    passes = _build_passes(raw.get("passes", []), registry, where, overrides)
+    _check_kinds(passes, registry, _initial_kind(model, registry), where)
+    _check_runtimes(benchmark, registry, where)
+    spec = PipelineSpec(name=name, seed=seed, model=model, data=data, passes=passes, benchmark=benchmark,
+                        budget=budget, output=output, base_dir=base_dir, source=source, raw=raw)
+    if data is not None:
+        from optitool.data.sources import check_data_spec
+
+        check_data_spec(data, base_dir, where)
+    return spec
+
+
+def _check_loader(model: ModelSpec, registry: Registry, base_dir: Path, where: str) -> None:
+    if model.source not in registry.loaders:
+        raise ConfigError(f"{where}: [model].source = {model.source!r} is not a known model loader; "
+                          f"known: {', '.join(sorted(registry.loaders))}")
+    loader = registry.loaders[model.source].obj
+    validate = getattr(loader, "validate", None)
+    if validate is not None:
+        validate(model, base_dir, where)
+
+
+def _initial_kind(model: ModelSpec, registry: Registry) -> str:
+    return getattr(registry.loaders[model.source].obj, "kind", "torch")
+
+
+def _build_passes(entries: Any, registry: Registry, where: str, overrides: tuple[str, ...]) -> list[PassSpec]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: `passes` must be an array of tables ([[passes]]), not {type(entries).__name__}")
+    specs: list[PassSpec] = []
+    names: set[str] = set()
+    for i, entry in enumerate(entries):
+        here = f"{where}: passes[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{here} must be a table")
+        if "pass" not in entry:
+            raise ConfigError(f'{here} has no `pass` key naming the pass to run (e.g. pass = "onnx_export")')
+        pass_name = entry["pass"]
+        if pass_name not in registry.passes:
+            known = sorted(registry.passes)
+            close = difflib.get_close_matches(str(pass_name), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{here}: unknown pass {pass_name!r}{hint} Known passes: {', '.join(known)} "
+                              "(`optitool passes` lists them with their plugins)")
+        stage_name = entry.get("name", pass_name)
+        enabled = entry.get("enabled", True)
+        if not isinstance(stage_name, str) or not stage_name or stage_name == "baseline":
+            raise ConfigError(f"{here}: `name` must be a non-empty string other than 'baseline'")
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{here}: `enabled` must be true or false (got {enabled!r})")
+        if enabled and stage_name in names:
+            raise ConfigError(f"{here}: stage name {stage_name!r} is used twice; give one of them `name = \"...\"`")
+        names.add(stage_name)
+        settings = {k: v for k, v in entry.items() if k not in RESERVED_PASS_KEYS}
+        cls = registry.pass_class(pass_name)
+        try:
+            config = cls.Config.model_validate(settings)
+        except ValidationError as exc:
+            message = format_validation_error(exc, f"{here} (pass {pass_name!r}, plugin "
+                                                   f"{registry.passes[pass_name].plugin!r})")
+            raise ConfigError(message + _override_hint(overrides, f"passes.{i}.")) from None
+        specs.append(PassSpec(index=i, pass_name=pass_name, stage_name=stage_name, enabled=enabled,
+                              settings=settings, config=config))
+    return specs
+
+
+def _check_kinds(passes: list[PassSpec], registry: Registry, kind: str, where: str) -> None:
+    previous = "the model loader"
+    for spec in passes:
+        if not spec.enabled:
+            continue
+        instance = spec.make(registry)
+        accepted = instance.accepted_kinds()
+        if kind not in accepted:
+            raise ConfigError(
+                f"{where}: passes[{spec.index}] (pass {spec.pass_name!r}) takes {' or '.join(accepted)} models, "
+                f"but {previous} gives {'an' if kind[0] in 'aeiou' else 'a'} {kind} model; reorder the passes or convert the model first "
+                "(onnx_export turns a torch model into ONNX)")
+        instance.check(kind)
+        spec.input_kind, spec.output_kind = kind, instance.output_kind(kind)
+        kind = spec.output_kind
+        previous = f"passes[{spec.index}] (pass {spec.pass_name!r})"
+
+
+def _check_runtimes(benchmark: BenchmarkSpec, registry: Registry, where: str) -> None:
+    for name in benchmark.runtimes:
+        if name not in registry.runtimes:
+            raise ConfigError(f"{where}: [benchmark].runtimes names {name!r}, which is not a known runtime; "
+                              f"known: {', '.join(sorted(registry.runtimes))}")

@@ -1,0 +1,255 @@
+"""The built-in model loaders: hf, python, torchvision, torchscript, exported_program, onnx and stage."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
+from optitool.errors import ConfigError, RunError
+from optitool.models.base import Loader, apply_checkpoint, apply_overrides, fit_to_state_dict, load_state_dict
+from optitool.paths import resolve_path
+
+if TYPE_CHECKING:
+    from optitool.config import ModelSpec
+
+HF_TASKS = {
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "fill-mask": "AutoModelForMaskedLM",
+    "text-generation": "AutoModelForCausalLM",
+    "image-classification": "AutoModelForImageClassification",
+}
+
+
+class HfLoader(Loader):
+    """A Hugging Face model from a local folder (offline) or a hub id; `task` picks the AutoModel class."""
+
+    name = "hf"
+    needs = ()
+
+    def validate(self, spec: ModelSpec, base_dir: Path, where: str) -> None:
+        if not spec.path and not spec.name:
+            raise ConfigError(f"{where}: [model] with source = 'hf' needs `path` (a local folder) or `name` "
+                              "(a hub id)")
+        task = spec.task or "feature-extraction"
+        if task not in HF_TASKS:
+            raise ConfigError(f"{where}: [model].task = {task!r} is not supported; use one of "
+                              f"{', '.join(HF_TASKS)}")
+        if spec.path:
+            folder = self.existing(spec.path, base_dir, f"{where}: [model].path")
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"{where}: [model].path = {spec.path!r}: {folder} has no config.json, so it "
+                                  "is not a Hugging Face model folder")
+        super().validate(spec.model_copy(update={"path": None}), base_dir, where)
+
+    def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
+        import transformers
+
+        where = str(resolve_path(spec.path, base_dir, where="[model].path")) if spec.path else spec.name
+        local = spec.path is not None
+        auto = getattr(transformers, HF_TASKS[spec.task or "feature-extraction"])
+        kwargs = dict(spec.kwargs)
+        if spec.num_labels is not None:
+            kwargs["num_labels"] = spec.num_labels
+        try:
+            module = auto.from_pretrained(where, local_files_only=local, **kwargs)
+        except OSError as exc:
+            raise RunError(f"could not load Hugging Face model {where!r}: {exc}. Without network access, point "
+                           "[model].path at a local folder.") from None
+        module.eval()
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=local)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+        if spec.checkpoint:
+            apply_checkpoint(module, resolve_path(spec.checkpoint, base_dir, where="[model].checkpoint"))
+        names = list(getattr(tokenizer, "model_input_names", []) or [])
+        return TorchModel(module, origin=self.origin(spec, base_dir), tokenizer=tokenizer, input_names=names)
+
+
+@contextmanager
+def _importable_from(base_dir: Path):
+    sys.path.insert(0, str(base_dir))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(base_dir))
+
+
+def resolve_callable(reference: str, base_dir: Path, where: str) -> Callable[..., Any]:
+    """`package.module:function` or `path/to/file.py:function`, imported only because the user named it."""
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{where} = {reference!r}: expected 'module:function' (or 'file.py:function')")
+    try:
+        with _importable_from(base_dir):
+            if module_name.endswith(".py"):
+                file = resolve_path(module_name, base_dir, where=where)
+                if not file.is_file():
+                    raise ConfigError(f"{where} = {reference!r}: {file} does not exist")
+                spec = importlib.util.spec_from_file_location(file.stem, file)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"{where} = {reference!r}: module {exc.name!r} not found (looked in the pipeline's "
+                          f"folder {base_dir} and on the Python path)") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise ConfigError(f"{where} = {reference!r}: importing {module_name!r} failed: {type(exc).__name__}: "
+                          f"{exc}") from None
+    target = getattr(module, attr, None)
+    if target is None or not callable(target):
+        raise ConfigError(f"{where} = {reference!r}: {module_name!r} has no callable named {attr!r}")
+    return target
+
+
+class PythonLoader(Loader):
+    """`factory = "module:callable"` returning an nn.Module, with an optional weights-only checkpoint."""
+
+    name = "python"
+    needs = ("factory",)
+
+    def validate(self, spec: ModelSpec, base_dir: Path, where: str) -> None:
+        super().validate(spec, base_dir, where)
+        resolve_callable(spec.factory, base_dir, f"{where}: [model].factory")
+
+    def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
+        import torch
+
+        factory = resolve_callable(spec.factory, base_dir, "[model].factory")
+        try:
+            module = factory(**spec.kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise RunError(f"[model].factory {spec.factory!r} raised {type(exc).__name__}: {exc}") from None
+        if not isinstance(module, torch.nn.Module):
+            raise RunError(f"[model].factory {spec.factory!r} returned a {type(module).__name__}, not a "
+                           "torch.nn.Module")
+        if spec.checkpoint:
+            apply_checkpoint(module, resolve_path(spec.checkpoint, base_dir, where="[model].checkpoint"))
+        module.eval()
+        return TorchModel(module, origin=self.origin(spec, base_dir), input_names=list(spec.inputs))
+
+
+class TorchvisionLoader(Loader):
+    """A torchvision architecture by name, with weights from a local file (no download)."""
+
+    name = "torchvision"
+    needs = ("name",)
+
+    def validate(self, spec: ModelSpec, base_dir: Path, where: str) -> None:
+        super().validate(spec, base_dir, where)
+        if importlib.util.find_spec("torchvision") is None:
+            raise ConfigError(f"{where}: [model] source = 'torchvision' needs torchvision (pip install torchvision)")
+
+    def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
+        import torchvision
+
+        if spec.name not in torchvision.models.list_models():
+            raise ConfigError(f"[model].name = {spec.name!r} is not a torchvision model")
+        module = torchvision.models.get_model(spec.name, weights=None, **spec.kwargs)
+        if spec.checkpoint:
+            apply_checkpoint(module, resolve_path(spec.checkpoint, base_dir, where="[model].checkpoint"))
+        module.eval()
+        inputs = list(spec.inputs) or ["x"]
+        return TorchModel(module, origin=self.origin(spec, base_dir), input_names=inputs)
+
+
+class TorchScriptLoader(Loader):
+    name = "torchscript"
+
+    def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
+        import torch
+
+        module = torch.jit.load(str(resolve_path(spec.path, base_dir, where="[model].path")), map_location="cpu")
+        module.eval()
+        return TorchModel(module, origin=self.origin(spec, base_dir), input_names=list(spec.inputs),
+                          reloadable=False)
+
+
+class ExportedProgramLoader(Loader):
+    name = "exported_program"
+
+    def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
+        import torch
+
+        program = torch.export.load(str(resolve_path(spec.path, base_dir, where="[model].path")))
+        return TorchModel(program.module(), origin=self.origin(spec, base_dir), input_names=list(spec.inputs),
+                          reloadable=False)
+
+
+class OnnxLoader(Loader):
+    name = "onnx"
+    kind = "onnx"
+
+    def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
+        import onnx
+
+        path = resolve_path(spec.path, base_dir, where="[model].path")
+        graph = onnx.load(str(path), load_external_data=False).graph
+        initializers = {i.name for i in graph.initializer}
+        names = [i.name for i in graph.input if i.name not in initializers]
+        tokenizer = None
+        if spec.name:  # a tokenizer folder or id for text models exported elsewhere
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(spec.name, local_files_only=True)
+        return OnnxModel(path, tokenizer=tokenizer, input_names=names)
+
+
+class StageLoader(Loader):
+    """A stage saved by an earlier run (`01-magnitude_prune/`): rebuilt from its origin, then its weights."""
+
+    name = "stage"
+
+    def validate(self, spec: ModelSpec, base_dir: Path, where: str) -> None:
+        super().validate(spec, base_dir, where)
+        folder = resolve_path(spec.path, base_dir, where=where)
+        if not (folder / "model.json").is_file() and not (folder / "model.onnx").is_file():
+            raise ConfigError(f"{where}: [model].path = {spec.path!r} is not a stage folder of an optitool run "
+                              "(it has neither model.json nor model.onnx)")
+
+    def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
+        return load_stage(resolve_path(spec.path, base_dir, where="[model].path"), LOADERS)
+
+
+def load_stage(folder: Path, loaders: dict[str, Loader]) -> ModelArtifact:
+    from optitool.config import ModelSpec
+
+    if (folder / "model.onnx").is_file():
+        meta = json.loads((folder / "model.json").read_text()) if (folder / "model.json").is_file() else {}
+        tokenizer = None
+        if meta.get("tokenizer"):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(meta["tokenizer"], local_files_only=True)
+        return OnnxModel(folder / "model.onnx", tokenizer=tokenizer, input_names=meta.get("input_names", []))
+    meta = json.loads((folder / "model.json").read_text())
+    if not meta.get("reloadable", True):
+        raise ConfigError(f"stage {folder} was saved for the record only ({meta.get('why', 'not reloadable')})")
+    origin = ModelSpec.model_validate(meta["origin"])
+    base = loaders[origin.source].load(origin.model_copy(update={"checkpoint": None}), Path("/"))
+    state = load_state_dict(folder / "model.safetensors")
+    fit_to_state_dict(base.module, state)
+    apply_overrides(base.module, meta.get("overrides", {}))
+    base.module.load_state_dict(state, strict=False)
+    base.overrides = meta.get("overrides", {})
+    return base
+
+
+LOADERS: dict[str, Loader] = {
+    loader.name: loader
+    for loader in (HfLoader(), PythonLoader(), TorchvisionLoader(), TorchScriptLoader(), ExportedProgramLoader(),
+                   OnnxLoader(), StageLoader())
+}

@@ -1,0 +1,73 @@
+"""ONNX files on disk: their true size (external data included), copies, and saving past 2 GB."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+TWO_GB = 2 * 1024**3
+
+
+def external_files(path: Path) -> list[Path]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    found = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    found.add(path.parent / entry.value)
+    return sorted(found)
+
+
+def onnx_size_bytes(path: Path) -> int:
+    return path.stat().st_size + sum(f.stat().st_size for f in external_files(path) if f.exists())
+
+
+def copy_onnx(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dest)
+    for extra in external_files(src):
+        shutil.copy2(extra, dest.parent / extra.name)
+    return dest
+
+
+def save_onnx(model: Any, path: Path) -> Path:
+    """Save a ModelProto, with its weights as external data when the file would pass protobuf's 2 GB limit."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > TWO_GB - 64 * 1024**2 if _fits_bytesize(model) else True
+    if large:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def _fits_bytesize(model: Any) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:  # noqa: BLE001 - protobuf refuses ByteSize() past 2 GB
+        return False
+
+
+def onnx_parameter_counts(path: Path) -> tuple[int, int]:
+    """(elements, nonzero elements) over the float and integer initializers: the graph's weights."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    total = nonzero = 0
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if array.size <= 1:
+            continue
+        total += int(array.size)
+        nonzero += int(np.count_nonzero(array))
+    return total, nonzero

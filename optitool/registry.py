@@ -1,0 +1,84 @@
+"""What plugins registered: passes, loaders, runtimes and metrics, each with the plugin that added it."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from optitool.errors import PluginError
+from optitool.passes import KINDS, Pass, PassConfig
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    obj: Any
+    plugin: str
+
+
+@dataclass
+class Registry:
+    """Everything registered in one plugin manager. Built per run; there is no global registry."""
+
+    passes: dict[str, Registered] = field(default_factory=dict)
+    loaders: dict[str, Registered] = field(default_factory=dict)
+    runtimes: dict[str, Registered] = field(default_factory=dict)
+    metrics: dict[str, Registered] = field(default_factory=dict)
+
+    def bound(self, plugin: str) -> PluginRegistry:
+        return PluginRegistry(self, plugin)
+
+    def pass_class(self, name: str) -> type[Pass]:
+        return self.passes[name].obj
+
+    def registered_by(self, plugin: str) -> dict[str, list[str]]:
+        table = {"passes": self.passes, "loaders": self.loaders, "runtimes": self.runtimes, "metrics": self.metrics}
+        return {what: sorted(n for n, r in items.items() if r.plugin == plugin) for what, items in table.items()}
+
+
+def _check_pass_class(cls: Any) -> None:
+    if not (inspect.isclass(cls) and issubclass(cls, Pass)):
+        raise PluginError(f"{cls!r} is not a subclass of optitool.Pass")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"pass class {cls.__qualname__} has no `name` string")
+    if not (inspect.isclass(cls.Config) and issubclass(cls.Config, PassConfig)):
+        raise PluginError(f"pass {name!r}: `Config` must subclass optitool.PassConfig")
+    bad = [k for k in cls.accepted_kinds() if k not in KINDS]
+    if bad or not cls.accepted_kinds():
+        raise PluginError(f"pass {name!r}: `takes` must be one of {KINDS} (or a tuple of them), not {cls.takes!r}")
+    if cls.gives not in (*KINDS, "same"):
+        raise PluginError(f"pass {name!r}: `gives` must be one of {KINDS} or 'same', not {cls.gives!r}")
+    if cls.run is Pass.run:
+        raise PluginError(f"pass {name!r} does not implement run(self, model, ctx)")
+
+
+class PluginRegistry:
+    """The registry as one plugin sees it: every addition is recorded under that plugin's name."""
+
+    def __init__(self, registry: Registry, plugin: str) -> None:
+        self._registry, self.plugin = registry, plugin
+
+    def _put(self, table: dict[str, Registered], what: str, name: str, obj: Any) -> None:
+        if name in table:
+            raise PluginError(
+                f"{what} {name!r} is registered twice: by plugin {table[name].plugin!r} and by plugin "
+                f"{self.plugin!r}; block one of them (OPTITOOL_BLOCK_PLUGINS={self.plugin}) or rename the {what}"
+            )
+        table[name] = Registered(name, obj, self.plugin)
+
+    def add(self, pass_class: type[Pass]) -> None:
+        _check_pass_class(pass_class)
+        self._put(self._registry.passes, "pass", pass_class.name, pass_class)
+
+    def add_loader(self, loader: Any) -> None:
+        """A loader has `name`, `kind`, `load(spec, base_dir)` and optionally `validate(spec, base_dir, where)`."""
+        self._put(self._registry.loaders, "loader", loader.name, loader)
+
+    def add_runtime(self, runtime: Any) -> None:
+        self._put(self._registry.runtimes, "runtime", runtime.name, runtime)
+
+    def add_metric(self, name: str, fn: Callable[..., Any]) -> None:
+        self._put(self._registry.metrics, "metric", name, fn)

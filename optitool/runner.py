@@ -1,0 +1,313 @@
+"""The chain: load the model, run each pass, save and evaluate each stage, benchmark, report.
+
+Everything that can be checked is checked in `config` before this runs. Each stage folder appears only
+when complete (staging folder + rename), and report.json is rewritten after every stage, so a failed or
+interrupted run keeps its earlier stages on disk and in the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optitool import atomic
+from optitool.artifacts import ModelArtifact, OnnxModel
+from optitool.config import PipelineSpec
+from optitool.errors import ConfigError, OptitoolError, PassError, RunError
+from optitool.passes import PassContext
+from optitool.plugins import Plugins
+
+SCHEMA_VERSION = 1
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use "
+                          "--device cpu or auto")
+    return requested
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PeakMemory:
+    """Peak resident memory (and CUDA allocator peak) while a block runs, sampled in a thread."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak_rss = device, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_rss = max(self.peak_rss, self.rss_mb())
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        self.peak_rss = self.rss_mb()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, self.rss_mb())
+
+    def as_metrics(self) -> dict[str, float]:
+        import torch
+
+        out = {"pass_peak_rss_mb": round(self.peak_rss, 1)}
+        if self.device == "cuda":
+            out["pass_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return out
+
+
+@dataclass
+class Stage:
+    name: str
+    artifact: ModelArtifact
+    record: dict[str, Any]
+    folder: Path | None = None
+
+
+@dataclass
+class RunResult:
+    report: dict[str, Any]
+    run_dir: Path
+    stages: list[Stage] = field(default_factory=list)
+
+
+def prepare_run_dir(spec: PipelineSpec, output: str | None, overwrite: bool) -> Path:
+    run_dir = Path(output) if output else Path(spec.output.dir.format(name=spec.name))
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"the run folder {run_dir} already exists; pass --overwrite to replace it or "
+                          "--output to choose another")
+    return run_dir
+
+
+class Runner:
+    def __init__(self, spec: PipelineSpec, plugins: Plugins, run_dir: Path, *, device: str = "auto",
+                 overwrite: bool = False, quiet: bool = False, benchmark: bool = True) -> None:
+        self.spec, self.plugins, self.registry = spec, plugins, plugins.registry
+        self.run_dir, self.overwrite, self.quiet, self.do_benchmark = run_dir, overwrite, quiet, benchmark
+        self.requested_device = device if device != "auto" else spec.benchmark.device
+        self.log = logging.getLogger("optitool.run")
+        self.stages: list[Stage] = []
+        self.report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _load(self) -> tuple[ModelArtifact, Any]:
+        from optitool.data.inputs import InputSource
+        from optitool.data.sources import Dataset, load_dataset
+
+        spec = self.spec
+        dataset = load_dataset(spec.data, spec.base_dir, spec.seed) if spec.data else Dataset({}, [])
+        loader = self.registry.loaders[spec.model.source].obj
+        model = loader.load(spec.model, spec.base_dir)
+        max_length = (spec.data.max_length if spec.data and spec.data.max_length else spec.model.max_length)
+        tokenizer = getattr(model, "tokenizer", None)
+        inputs = InputSource(dataset, tokenizer=tokenizer, input_specs=spec.model.inputs,
+                             input_names=getattr(model, "input_names", None), max_length=max_length, seed=spec.seed)
+        return model, inputs
+
+    def _open_run_dir(self) -> None:
+        if self.run_dir.exists() and self.overwrite:
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.spec.source is not None:
+            shutil.copyfile(self.spec.source, self.run_dir / "pipeline.toml")
+        atomic.write_json(self.run_dir / "pipeline.resolved.json", self.spec.resolved())
+        handler = logging.FileHandler(self.run_dir / "run.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("optitool")
+        root.setLevel(logging.INFO)
+        root.addHandler(handler)
+        self._handler = handler
+
+    # ------------------------------------------------------------------------------------------ the run
+    def run(self) -> RunResult:
+        from optitool.environment import describe
+
+        device = resolve_device(self.requested_device)
+        seed_everything(self.spec.seed)
+        baseline, inputs = self._load()
+        self.device, self.inputs = device, inputs
+        self._open_run_dir()
+        try:
+            self.report = {"schema_version": SCHEMA_VERSION, "status": "running", "name": self.spec.name,
+                           "device": device, "environment": describe(self.spec.benchmark.threads or None),
+                           "pipeline": self.spec.resolved(), "stages": []}
+            self.plugins.notify("optitool_pipeline_start", spec=self.spec, run_dir=self.run_dir)
+            self._run_stages(baseline, inputs, device)
+            if self.do_benchmark and self.spec.benchmark.enabled:
+                self._benchmark(inputs, device)
+            self.report["status"] = "finished"
+            if self.spec.budget is not None:
+                from optitool.budget import check_budget
+
+                self.report["budget"] = check_budget(self.report, self.spec.budget)
+            if self.spec.output.plots:
+                from optitool.report.plots import write_plots
+
+                self.report["plots"] = [str(p.relative_to(self.run_dir)) for p in
+                                        write_plots(self.report, self.run_dir / "plots")]
+            return RunResult(self.report, self.run_dir, self.stages)
+        except KeyboardInterrupt:
+            self.report["status"] = "interrupted"
+            raise
+        except OptitoolError as exc:
+            self.report.update(status="failed", error=str(exc))
+            raise
+        finally:
+            self._write_report()
+            logging.getLogger("optitool").removeHandler(self._handler)
+            self._handler.close()
+
+    def _run_stages(self, baseline: ModelArtifact, inputs: Any, device: str) -> None:
+        from optitool.evaluation import eval_batches, evaluate
+        from optitool.models.store import stage_metrics
+
+        self.eval_batches = eval_batches(inputs)
+        record = {"name": "baseline", "pass": None, "plugin": None, "kind": baseline.kind,
+                  "artifact": None, "origin": getattr(baseline, "origin", None) or self.spec.model.model_dump(exclude_none=True),
+                  "metrics": stage_metrics(baseline), "benchmarks": [], "seconds": 0.0, "flags": []}
+        metrics, self.reference = evaluate(baseline, self.eval_batches, None, self.registry, device,
+                                           inputs.label_names)
+        record["metrics"].update(metrics)
+        folder = self.run_dir / "00-baseline"
+        with atomic.staging_dir(folder) as tmp:
+            atomic.write_json(tmp / "stage.json", record)
+        self._add_stage(Stage("baseline", baseline, record, None))
+        model = baseline
+        for number, pass_spec in enumerate(self.spec.active_passes, start=1):
+            model = self._run_pass(number, pass_spec, model, inputs, device)
+
+    def _run_pass(self, number: int, pass_spec: Any, model: ModelArtifact, inputs: Any,
+                  device: str) -> ModelArtifact:
+        from optitool.evaluation import evaluate
+        from optitool.models.store import save_artifact, stage_metrics
+
+        plugin = self.registry.passes[pass_spec.pass_name].plugin
+        folder = self.run_dir / f"{number:02d}-{pass_spec.stage_name}"
+        where = f"pass {pass_spec.pass_name!r} (plugin {plugin!r}, stage {pass_spec.stage_name!r})"
+        self.log.info("running %s", where)
+        if not self.quiet:
+            print(f"[{number}/{len(self.spec.active_passes)}] {pass_spec.stage_name} ({pass_spec.pass_name})",
+                  flush=True)
+        instance = pass_spec.make(self.registry)
+        with atomic.staging_dir(folder) as tmp:
+            ctx = PassContext(device=device, seed=self.spec.seed, run_dir=self.run_dir, stage_dir=tmp,
+                              inputs=inputs, logger=logging.getLogger(f"optitool.pass.{pass_spec.pass_name}"),
+                              quiet=self.quiet, state=self._state, stages={s.name: s.artifact for s in self.stages},
+                              load_model=self._load_named, pass_name=pass_spec.pass_name)
+            start = time.perf_counter()
+            try:
+                with PeakMemory(device) as memory:
+                    result = instance.run(model, ctx)
+            except (KeyboardInterrupt, RunError):
+                raise
+            except OptitoolError as exc:
+                raise RunError(f"{where} failed: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug is reported by name, not as a traceback
+                self.log.exception("%s raised", where)
+                raise RunError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+            seconds = time.perf_counter() - start
+            if not isinstance(result, ModelArtifact) or result.kind != pass_spec.output_kind:
+                got = getattr(result, "kind", type(result).__name__)
+                raise RunError(f"{where} returned {got!r}, but it declares that it gives a "
+                               f"{pass_spec.output_kind} model")
+            file_name, saved = save_artifact(result, tmp)
+            metrics = {**stage_metrics(result, saved), **memory.as_metrics(), **ctx.metrics}
+            evaluated, _ = evaluate(result, self.eval_batches, self.reference, self.registry, device,
+                                    inputs.label_names)
+            metrics.update(evaluated)
+            record = {"name": pass_spec.stage_name, "pass": pass_spec.pass_name, "plugin": plugin,
+                      "kind": result.kind, "artifact": f"{folder.name}/{file_name}", "metrics": metrics,
+                      "benchmarks": [], "seconds": round(seconds, 3), "flags": []}
+            atomic.write_json(tmp / "stage.json", record)
+        if isinstance(result, OnnxModel):
+            result.path = folder / "model.onnx"
+        self._add_stage(Stage(pass_spec.stage_name, result, record, folder))
+        self.plugins.notify("optitool_pass_finished", stage=record, run_dir=self.run_dir)
+        return result
+
+    @property
+    def _state(self) -> dict[str, Any]:
+        if not hasattr(self, "_shared_state"):
+            self._shared_state: dict[str, Any] = {}
+        return self._shared_state
+
+    def _load_named(self, table: dict[str, Any]) -> ModelArtifact:
+        """Load a model a pass's settings name (a student, a teacher) with the pipeline's loaders."""
+        from pydantic import ValidationError
+
+        from optitool.config import ModelSpec, format_validation_error
+
+        try:
+            spec = ModelSpec.model_validate(table)
+        except ValidationError as exc:
+            raise PassError(format_validation_error(exc, "model table")) from None
+        if spec.source not in self.registry.loaders:
+            raise PassError(f"unknown model source {spec.source!r}")
+        loader = self.registry.loaders[spec.source].obj
+        loader.validate(spec, self.spec.base_dir, "model table")
+        return loader.load(spec, self.spec.base_dir)
+
+    def _add_stage(self, stage: Stage) -> None:
+        self.stages.append(stage)
+        self.report["stages"] = [s.record for s in self.stages]
+        self._write_report()
+
+    def _benchmark(self, inputs: Any, device: str) -> None:
+        from optitool.bench.suite import BenchTarget, benchmark_targets
+
+        wanted = self.spec.benchmark.stages
+        targets = [BenchTarget(s.name, s.artifact, s.record, s.folder) for s in self.stages
+                   if wanted == "all" or s.name in wanted]
+        if not self.quiet:
+            print(f"benchmarking {len(targets)} stages on {device} ...", flush=True)
+        try:
+            benchmark_targets(targets, self.spec.benchmark, self.registry, device, inputs, self.log)
+        except OptitoolError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self.log.exception("benchmark failed")
+            raise RunError(f"the benchmark failed: {type(exc).__name__}: {exc}") from exc
+        for stage in self.stages:
+            if stage.folder is not None and stage.folder.exists():
+                atomic.write_json(stage.folder / "stage.json", stage.record)
+
+    def _write_report(self) -> None:
+        from optitool.report.markdown import render
+
+        if self.report:
+            atomic.write_json(self.run_dir / "report.json", self.report)
+            atomic.write_text(self.run_dir / "report.md", render(self.report))
+            if self.report.get("status") != "running":
+                self.plugins.notify("optitool_report_written", report=self.report,
+                                    path=self.run_dir / "report.json")

@@ -1,0 +1,216 @@
+"""The onnx_export pass: export, optionally optimise, then verify against the torch model on real inputs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from optitool import OnnxModel, Pass, PassConfig, PassContext, PassError, TorchModel
+
+
+class OnnxExportConfig(PassConfig):
+    exporter: Literal["dynamo", "torchscript", "optimum"] = Field(
+        "dynamo", description="torch.onnx's dynamo exporter, the TorchScript exporter, or optimum's (HF models)")
+    opset: int = Field(18, ge=11, le=23, description="ONNX opset")
+    dynamic_axes: bool = Field(True, description="dynamic batch (and sequence) axes")
+    optimize: Literal["none", "basic", "extended", "transformer"] = Field(
+        "none", description="onnxruntime graph optimisation; transformer = BERT-style fusions")
+    fp16: bool = Field(False, description="convert weights to float16 (for GPU targets)")
+    keep_io_float32: bool = Field(True, description="with fp16, keep graph inputs and outputs float32")
+    verify: bool = Field(True, description="compare with the torch model on real inputs and fail beyond tolerance")
+    atol: float = Field(1e-3, gt=0, description="absolute tolerance of the verification")
+    rtol: float = Field(1e-3, ge=0, description="relative tolerance of the verification")
+    verify_batches: int = Field(2, ge=1, description="eval batches compared")
+    verify_batch_size: int = Field(4, ge=1)
+
+
+class OutputAdapter:
+    """Wraps a module so it takes positional tensors in a fixed order and returns its main output only."""
+
+    def __new__(cls, module: Any, input_names: list[str]) -> Any:
+        import torch
+
+        from optitool.execution import main_output
+
+        class _Adapter(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = module
+
+            def forward(self, *args: Any) -> Any:
+                return main_output(self.inner(**dict(zip(input_names, args, strict=True))))[1]
+
+        return _Adapter()
+
+
+def _inputs_for(model: TorchModel, ctx: PassContext, batch: int, length: int | None, index: int) -> dict[str, Any]:
+    return ctx.inputs.example(batch, length, index=index)
+
+
+class OnnxExport(Pass):
+    """Export a torch model to ONNX and verify the result on real inputs."""
+
+    name = "onnx_export"
+    Config = OnnxExportConfig
+    takes = "torch"
+    gives = "onnx"
+
+    def run(self, model: TorchModel, ctx: PassContext) -> OnnxModel:
+        cfg: OnnxExportConfig = self.config
+        if ctx.inputs is None:
+            raise PassError("onnx_export needs example inputs: give the model a tokenizer or [model.inputs]")
+        path = ctx.stage_dir / "model.onnx"
+        sample = _inputs_for(model, ctx, 2, 16 if ctx.inputs.is_text else None, 0)
+        if "attention_mask" in sample:
+            # Trace with padding: a model may skip an all-ones mask, and the graph would then ignore masks.
+            sample["attention_mask"] = sample["attention_mask"].clone()
+            sample["attention_mask"][-1, -4:] = 0
+        names = list(sample)
+        module = model.module.eval().cpu()
+        from optitool.execution import main_output
+
+        import torch
+
+        with torch.inference_mode():
+            output_name = main_output(module(**sample))[0]
+        if cfg.exporter == "optimum":
+            self._export_optimum(model, ctx, path)
+        else:
+            self._export_torch(module, sample, names, output_name, path)
+        if cfg.optimize != "none":
+            self._optimize(model, path, ctx)
+        if cfg.fp16:
+            self._to_fp16(path)
+        exported = OnnxModel(path, tokenizer=model.tokenizer, input_names=names)
+        if cfg.verify:
+            self._verify(model, exported, ctx)
+        return exported
+
+    # ------------------------------------------------------------------------------------------ export
+    def _export_torch(self, module: Any, sample: dict[str, Any], names: list[str], output_name: str,
+                      path: Path) -> None:
+        import torch
+
+        cfg: OnnxExportConfig = self.config
+        adapter = OutputAdapter(module, names)
+        args = tuple(sample[n] for n in names)
+        text_like = all(v.dim() == 2 and not v.is_floating_point() for v in args)
+        axes = {0: "batch", 1: "sequence"} if text_like else {0: "batch"}
+        kwargs: dict[str, Any] = {"input_names": names, "output_names": [output_name], "opset_version": cfg.opset}
+        if cfg.exporter == "torchscript":
+            if cfg.dynamic_axes:
+                out_axes = {0: "batch", 1: "sequence"} if output_name == "last_hidden_state" else {0: "batch"}
+                kwargs["dynamic_axes"] = {**{n: axes for n in names}, output_name: out_axes}
+            torch.onnx.export(adapter, args, str(path), dynamo=False, do_constant_folding=True, **kwargs)
+            return
+        if cfg.dynamic_axes:
+            dims = {i: torch.export.Dim.DYNAMIC for i in axes}
+            kwargs["dynamic_shapes"] = {"args": tuple(dims for _ in names)}  # the adapter takes *args
+        try:
+            program = torch.onnx.export(adapter, args, dynamo=True, external_data=True, optimize=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the dynamo exporter raises many kinds
+            raise PassError(f"the dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                            'try exporter = "torchscript"') from None
+        program.save(str(path), external_data=_too_big_for_protobuf(module))
+
+    def _export_optimum(self, model: TorchModel, ctx: PassContext, path: Path) -> None:
+        try:
+            from optimum.exporters.onnx import main_export
+        except ImportError:
+            raise PassError('exporter = "optimum" needs optimum\'s ONNX exporter: pip install "optitool[optimum]" '
+                            "(it pins transformers<4.58)") from None
+        if not hasattr(model.module, "save_pretrained"):
+            raise PassError('exporter = "optimum" works on Hugging Face models only; use "dynamo" or "torchscript"')
+        task = model.origin.get("task") or "feature-extraction"
+        with tempfile.TemporaryDirectory(prefix="optitool-optimum-") as tmp:
+            model.module.save_pretrained(tmp)
+            if model.tokenizer is not None:
+                model.tokenizer.save_pretrained(tmp)
+            out = Path(tmp) / "onnx"
+            main_export(tmp, output=out, task=task, opset=self.config.opset, do_validation=False)
+            from optitool.models.onnx_files import copy_onnx
+
+            copy_onnx(out / "model.onnx", path)
+
+    def _optimize(self, model: TorchModel, path: Path, ctx: PassContext) -> None:
+        cfg: OnnxExportConfig = self.config
+        if cfg.optimize == "transformer":
+            from onnxruntime.transformers.optimizer import optimize_model
+
+            config = getattr(model.module, "config", None)
+            if config is None or not hasattr(config, "num_attention_heads"):
+                raise PassError('optimize = "transformer" needs a Hugging Face transformer model (BERT-like)')
+            heads = _live_heads(model.module, config)
+            optimized = optimize_model(str(path), model_type=_ort_model_type(config), num_heads=heads,
+                                       hidden_size=config.hidden_size, opt_level=1)
+            fused = optimized.get_fused_operator_statistics()
+            ctx.metrics["onnx_fusions"] = {k: v for k, v in fused.items() if v}
+            optimized.save_model_to_file(str(path), use_external_data_format=_too_big_for_protobuf(model.module))
+            return
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[cfg.optimize]
+        target = path.with_name("optimized.onnx")
+        options.optimized_model_filepath = str(target)
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        target.replace(path)
+
+    def _to_fp16(self, path: Path) -> None:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        converted = convert_float_to_float16(onnx.load(str(path)), keep_io_types=self.config.keep_io_float32)
+        from optitool.models.onnx_files import save_onnx
+
+        save_onnx(converted, path)
+
+    # ------------------------------------------------------------------------------------------ verify
+    def _verify(self, model: TorchModel, exported: OnnxModel, ctx: PassContext) -> None:
+        import torch
+
+        from optitool.execution import Executor
+
+        cfg: OnnxExportConfig = self.config
+        torch_run, onnx_run = Executor(model, "cpu"), Executor(exported)
+        worst, cosines = 0.0, []
+        for index in range(cfg.verify_batches):
+            inputs = ctx.inputs.example(cfg.verify_batch_size, index=index)
+            _, expected = torch_run.raw(inputs)
+            _, got = onnx_run.raw(inputs)
+            if expected.shape != got.shape:
+                raise PassError(f"the exported model's output has shape {tuple(got.shape)}, the torch model's "
+                                f"{tuple(expected.shape)}")
+            got = got.float()
+            diff = (got - expected).abs()
+            worst = max(worst, float(diff.max()))
+            cosines.append(float(torch.nn.functional.cosine_similarity(got.flatten(1), expected.flatten(1)).mean()))
+            if not torch.allclose(got, expected, atol=cfg.atol, rtol=cfg.rtol):
+                bad = int((diff > cfg.atol + cfg.rtol * expected.abs()).sum())
+                raise PassError(f"verification failed: the exported model differs from the torch model by up to "
+                                f"{worst:.3g} (atol {cfg.atol}, rtol {cfg.rtol}; {bad} of {diff.numel()} values "
+                                f"outside) on eval batch {index}; mean cosine {cosines[-1]:.5f}. Loosen atol/rtol "
+                                "only if that difference is expected (fp16), otherwise report an exporter bug")
+        ctx.metrics.update(export_max_abs_diff=worst, export_cosine=min(cosines))
+
+
+def _too_big_for_protobuf(module: Any) -> bool:
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    return total > 2 * 1024**3 - 256 * 1024**2
+
+
+def _ort_model_type(config: Any) -> str:
+    known = {"bert", "bart", "gpt2", "t5", "vit", "clip"}
+    return config.model_type if config.model_type in known else "bert"
+
+
+def _live_heads(module: Any, config: Any) -> int:
+    """The head count after head pruning (0 lets onnxruntime read it from the graph when layers differ)."""
+    counts = {getattr(m, "num_attention_heads", None) for m in module.modules()
+              if type(m).__name__.endswith("SelfAttention")}
+    counts.discard(None)
+    return counts.pop() if len(counts) == 1 else 0
