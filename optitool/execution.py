@@ -14,6 +14,19 @@ from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 PREFERRED_OUTPUTS = ("logits", "last_hidden_state", "pooler_output")
 
 
+def call_module(module: Any, inputs: dict[str, Any]) -> Any:
+    """Call a module by input name when its forward takes those names, positionally otherwise
+    (nn.Sequential and most vision models take one unnamed tensor)."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # TorchScript modules may hide their signature
+        params = {}
+    by_name = any(p.kind is p.VAR_KEYWORD for p in params.values()) or all(k in params for k in inputs)
+    return module(**inputs) if by_name and params else module(*inputs.values())
+
+
 def main_output(output: Any) -> tuple[str, Any]:
     """(name, tensor) of the output a user cares about from whatever a torch model returned."""
     if hasattr(output, "keys") and not hasattr(output, "shape"):
@@ -71,7 +84,7 @@ class Executor:
         module = self.artifact.module
         with torch.inference_mode():
             moved = {k: v.to(self.device) for k, v in inputs.items()}
-            name, value = main_output(module(**moved))
+            name, value = main_output(call_module(module, moved))
         return name, value.detach().float().cpu()
 
     def __call__(self, inputs: dict[str, Any]) -> tuple[str, Any]:

@@ -87,6 +87,17 @@ class PeakMemory:
         return out
 
 
+def _private_copy(model: ModelArtifact) -> ModelArtifact:
+    """A pass may change the model it is given in place; earlier stages must not change with it."""
+    import copy
+    import dataclasses
+
+    if isinstance(model, OnnxModel):
+        return dataclasses.replace(model)
+    return dataclasses.replace(model, module=copy.deepcopy(model.module), masks=dict(model.masks),
+                               overrides=copy.deepcopy(model.overrides))
+
+
 @dataclass
 class Stage:
     name: str
@@ -228,7 +239,7 @@ class Runner:
             start = time.perf_counter()
             try:
                 with PeakMemory(device) as memory:
-                    result = instance.run(model, ctx)
+                    result = instance.run(_private_copy(model), ctx)
             except (KeyboardInterrupt, RunError):
                 raise
             except OptitoolError as exc:

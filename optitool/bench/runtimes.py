@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
+from optitool.execution import call_module
 
 
 class Runtime:
@@ -75,7 +76,7 @@ class TorchEager(Runtime):
         def call(inputs: dict[str, Any]) -> None:
             moved = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
             with torch.inference_mode():
-                module(**moved)
+                call_module(module, moved)
 
         return _cuda_timed(call) if device == "cuda" else call
 

@@ -83,6 +83,13 @@ def fit_to_state_dict(module: Any, state: dict[str, Any]) -> None:
     """Give Linear, Conv and norm layers the shapes of a saved state dict (structured pruning changes them)."""
     import torch
 
+    for name, sub in list(module.named_modules()):  # a shallower student keeps fewer layers of a list
+        if isinstance(sub, torch.nn.ModuleList) and len(sub):
+            prefix = f"{name}." if name else ""
+            present = {int(k[len(prefix):].split(".")[0]) for k in state
+                       if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+            if present and max(present) + 1 < len(sub):
+                del sub[max(present) + 1:]
     for name, sub in list(module.named_modules()):
         weight = state.get(f"{name}.weight" if name else "weight")
         if weight is None or not hasattr(sub, "weight") or sub.weight is None:

@@ -33,7 +33,7 @@ class OutputAdapter:
     def __new__(cls, module: Any, input_names: list[str]) -> Any:
         import torch
 
-        from optitool.execution import main_output
+        from optitool.execution import call_module, main_output
 
         class _Adapter(torch.nn.Module):
             def __init__(self) -> None:
@@ -41,7 +41,7 @@ class OutputAdapter:
                 self.inner = module
 
             def forward(self, *args: Any) -> Any:
-                return main_output(self.inner(**dict(zip(input_names, args, strict=True))))[1]
+                return main_output(call_module(self.inner, dict(zip(input_names, args, strict=True))))[1]
 
         return _Adapter()
 
@@ -70,12 +70,12 @@ class OnnxExport(Pass):
             sample["attention_mask"][-1, -4:] = 0
         names = list(sample)
         module = model.module.eval().cpu()
-        from optitool.execution import main_output
-
         import torch
 
+        from optitool.execution import call_module, main_output
+
         with torch.inference_mode():
-            output_name = main_output(module(**sample))[0]
+            output_name = main_output(call_module(module, sample))[0]
         if cfg.exporter == "optimum":
             self._export_optimum(model, ctx, path)
         else:
@@ -95,7 +95,7 @@ class OnnxExport(Pass):
         import torch
 
         cfg: OnnxExportConfig = self.config
-        adapter = OutputAdapter(module, names)
+        adapter = OutputAdapter(module, names).eval()
         args = tuple(sample[n] for n in names)
         text_like = all(v.dim() == 2 and not v.is_floating_point() for v in args)
         axes = {0: "batch", 1: "sequence"} if text_like else {0: "batch"}

@@ -1,0 +1,241 @@
+"""A pytest plugin for plugin authors: tiny models, a pipeline runner and the pass contract check.
+
+Opt in with `pytest_plugins = ["optitool.testing"]` in your conftest.py. Everything here builds in-process
+in seconds: no downloads, no real model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from optitool.errors import ConfigError, OptitoolError
+
+WORDS = ("the market shares rose as the bank said profits grew while the film won an award and the team won "
+         "the match after the minister said the election vote was close and the new phone software was fast").split()
+
+
+def tiny_mlp(in_features: int = 16, hidden: int = 32, classes: int = 4) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(in_features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+                               torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
+
+
+def tiny_cnn(classes: int = 4) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, classes))
+
+
+def tiny_tokenizer() -> Any:
+    """A WordPiece tokenizer over a few dozen words, built with the tokenizers library (works on transformers 4
+    and 5 alike)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(WORDS)))}
+    core = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "attention_mask", "token_type_ids"])
+
+
+def tiny_bert_dir(folder: Path, *, classes: int | None = None, layers: int = 2) -> Path:
+    """Save a tiny BERT (2 layers, hidden 32, 4 heads) and its tokenizer as a Hugging Face folder."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=classes or 2)
+    model = BertForSequenceClassification(config) if classes else BertModel(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def text_folder(folder: Path, *, per_label: int = 12) -> Path:
+    """A labelled text corpus laid out like BBC News (<label>/*.txt), from a seeded word sampler."""
+    import random
+
+    rng = random.Random(0)
+    topics = {"business": WORDS[:8], "sport": WORDS[8:16], "tech": WORDS[16:]}
+    for label, words in topics.items():
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_label):
+            text = " ".join(rng.choice(words) for _ in range(12))
+            (folder / label / f"{i:03d}.txt").write_text(text)
+    return folder
+
+
+class HookRecorder:
+    """A plugin that records the lifecycle hooks it saw (name and arguments)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.calls]
+
+    def optitool_pipeline_start(self, spec: Any, run_dir: Path) -> None:
+        self.calls.append(("optitool_pipeline_start", {"spec": spec, "run_dir": run_dir}))
+
+    def optitool_pass_finished(self, stage: dict[str, Any], run_dir: Path) -> None:
+        self.calls.append(("optitool_pass_finished", {"stage": stage, "run_dir": run_dir}))
+
+    def optitool_report_written(self, report: dict[str, Any], path: Path) -> None:
+        self.calls.append(("optitool_report_written", {"report": report, "path": path}))
+
+
+def _recorder_plugin(recorder: HookRecorder) -> Any:
+    import optitool
+
+    for name in ("optitool_pipeline_start", "optitool_pass_finished", "optitool_report_written"):
+        optitool.hookimpl(getattr(recorder, name).__func__)
+    return recorder
+
+
+@dataclass
+class SnippetResult:
+    report: dict[str, Any]
+    run_dir: Path
+    stages: list[Any]
+    hook_calls: list[str] = field(default_factory=list)
+
+
+def run_snippet(toml: str, tmp_path: Path, *, plugins: tuple[ModuleType | Any, ...] = (), benchmark: bool = False,
+                builtins: bool = True) -> SnippetResult:
+    """Run a pipeline given as TOML text with only optitool's own plugins and `plugins` (no autoload).
+
+    Relative paths in the snippet resolve against `tmp_path`; the run folder is `tmp_path / "run"`.
+    """
+    from optitool.config import parse_pipeline_text
+    from optitool.plugins import get_plugin_manager
+    from optitool.runner import Runner
+
+    recorder = HookRecorder()
+    blocked = () if builtins else ("prune", "quantize", "distill", "onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = get_plugin_manager(autoload=False, blocked=blocked, modules=(*plugins, _recorder_plugin(recorder)))
+    spec = parse_pipeline_text(toml, loaded.registry, base_dir=tmp_path)
+    result = Runner(spec, loaded, tmp_path / "run", quiet=True, benchmark=benchmark, overwrite=True).run()
+    return SnippetResult(result.report, result.run_dir, result.stages, recorder.names())
+
+
+def check_pass_contract(pass_class: type, *, settings: dict[str, Any] | None = None, model: Any = None,
+                        tmp_path: Path | None = None) -> None:
+    """Assert what optitool relies on from every pass; raises AssertionError naming the broken rule.
+
+    Checks: registration through a plugin (exactly once), settings round-trip and refuse unknown keys,
+    `run` returns a model of the declared kind on a tiny model, and a model of a kind the pass does not
+    take is refused before anything runs.
+    """
+    from pydantic import ValidationError
+
+    from optitool.artifacts import TorchModel
+    from optitool.passes import Pass
+    from optitool.plugins import get_plugin_manager
+
+    assert inspect.isclass(pass_class) and issubclass(pass_class, Pass), f"{pass_class!r} must subclass optitool.Pass"
+    settings = settings or {}
+    config = pass_class.Config.model_validate(settings)
+    again = pass_class.Config.model_validate(config.model_dump(mode="json"))
+    assert again == config, f"{pass_class.name}: settings do not round-trip through model_dump()"
+    try:
+        pass_class.Config.model_validate({**settings, "surely_not_a_setting": 1})
+    except ValidationError:
+        pass
+    else:
+        raise AssertionError(f"{pass_class.name}: Config accepts unknown keys; subclass optitool.PassConfig")
+
+    import optitool
+
+    plugin = ModuleType(f"contract_{pass_class.name}")
+    plugin.optitool_register_passes = optitool.hookimpl(lambda registry: registry.add(pass_class))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = get_plugin_manager(autoload=False, blocked=("prune", "quantize", "distill", "onnx"),
+                                    modules=(plugin,))
+    assert not loaded.broken, f"{pass_class.name}: registration failed: {[b.error for b in loaded.broken]}"
+    owners = [r.plugin for n, r in loaded.registry.passes.items() if n == pass_class.name]
+    assert owners == [plugin.__name__], f"{pass_class.name}: registered {len(owners)} times"
+
+    from optitool.config import build_spec
+
+    wrong = "onnx" if "onnx" not in pass_class.accepted_kinds() else None
+    if wrong:
+        raw = {"model": {"source": "onnx", "path": __file__}, "passes": [{"pass": pass_class.name, **settings}]}
+        try:
+            build_spec(raw, loaded.registry, base_dir=Path("/"))
+        except ConfigError:
+            pass
+        else:
+            raise AssertionError(f"{pass_class.name}: an ONNX model was not refused before running")
+
+    if "torch" in pass_class.accepted_kinds():
+        from optitool.data.inputs import InputSource
+        from optitool.data.sources import Dataset
+        from optitool.passes import PassContext
+
+        import logging
+        import tempfile
+
+        artifact = model if model is not None else TorchModel(tiny_mlp(), input_names=["x"])
+        from optitool.config import InputSpec
+
+        inputs = InputSource(Dataset({}, []), input_specs={"x": InputSpec(shape=["batch", 16])})
+        folder = Path(tmp_path or tempfile.mkdtemp(prefix="optitool-contract-"))
+        ctx = PassContext(device="cpu", seed=0, run_dir=folder, stage_dir=folder, inputs=inputs,
+                          logger=logging.getLogger("contract"), quiet=True)
+        instance = pass_class(config)
+        try:
+            result = instance.run(artifact, ctx)
+        except OptitoolError:
+            return  # a clear refusal of this model is allowed; the kind check above still ran
+        expected = instance.output_kind("torch")
+        assert getattr(result, "kind", None) == expected, (
+            f"{pass_class.name}: run() returned {result!r}, not a {expected} model artifact")
+
+
+@pytest.fixture
+def optitool_tiny_mlp() -> Any:
+    return tiny_mlp()
+
+
+@pytest.fixture
+def optitool_tiny_bert(tmp_path: Path) -> Path:
+    return tiny_bert_dir(tmp_path / "tiny-bert")
+
+
+@pytest.fixture
+def optitool_text_folder(tmp_path: Path) -> Path:
+    return text_folder(tmp_path / "texts")
+
+
+@pytest.fixture
+def optitool_run(tmp_path: Path) -> Any:
+    """`optitool_run(toml, plugins=(my_plugin,))` runs a pipeline snippet in tmp_path."""
+
+    def run(toml: str, **kwargs: Any) -> SnippetResult:
+        return run_snippet(toml, tmp_path, **kwargs)
+
+    return run

@@ -1,0 +1,248 @@
+"""The distill pass: a student learns from a teacher (the model entering the pass, or a named stage).
+
+With `alpha = 0` it is plain supervised fine-tuning on the labels, which is how the examples build the
+classifier they then compress.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Literal
+
+from pydantic import Field
+
+from optitool import Pass, PassConfig, PassContext, PassError, TorchModel
+from optitool.execution import call_module, main_output, pooled
+
+
+class DistillConfig(PassConfig):
+    teacher: str = Field("previous", description="'previous' (the model entering the pass) or a stage name")
+    student: Literal["same", "layers", "model"] = Field(
+        "same", description="same model (keeps pruning masks), a shallower copy (layers = N), or [student_model]")
+    layers: int | None = Field(None, ge=1, description="with student = 'layers': encoder layers kept")
+    student_model: dict[str, Any] | None = Field(None, description="with student = 'model': a [model]-style table")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(16, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher loss; 1 - alpha goes to the labels")
+    output_loss: Literal["auto", "kl", "mse", "cosine"] = Field(
+        "auto", description="auto: KL on logits, cosine on embeddings")
+    hidden_weight: float = Field(0.0, ge=0, description="weight of hidden-state matching (same widths only)")
+    mixed_precision: bool = Field(True, description="bf16 autocast on CUDA")
+    keep_best: bool = Field(True, description="keep the epoch with the best eval score")
+
+
+def _shallow_copy(teacher: TorchModel, layers: int) -> tuple[Any, list[int]]:
+    """A student with `layers` encoder layers, initialised from evenly spaced teacher layers."""
+    import torch
+
+    student = copy.deepcopy(teacher.module)
+    lists = [(n, m) for n, m in student.named_modules() if isinstance(m, torch.nn.ModuleList) and n.endswith("layer")]
+    if not lists:
+        raise PassError("student = 'layers' needs a transformer with an encoder layer list (BERT-like)")
+    name, layer_list = max(lists, key=lambda item: len(item[1]))
+    total = len(layer_list)
+    if layers >= total:
+        raise PassError(f"layers = {layers}, but the teacher has only {total} encoder layers")
+    keep = sorted({round(i * (total - 1) / (layers - 1)) for i in range(layers)}) if layers > 1 else [total - 1]
+    parent = student.get_submodule(name.rpartition(".")[0]) if "." in name else student
+    setattr(parent, name.rpartition(".")[2], torch.nn.ModuleList([layer_list[i] for i in keep]))
+    config = getattr(student, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = len(keep)
+    return student, keep
+
+
+class Distill(Pass):
+    """Distil the model into a student (same, shallower, or named), keeping pruning masks."""
+
+    name = "distill"
+    Config = DistillConfig
+    takes = "torch"
+    gives = "torch"
+
+    def _student(self, model: TorchModel, ctx: PassContext) -> TorchModel:
+        cfg: DistillConfig = self.config
+        if cfg.student == "same":
+            return TorchModel(copy.deepcopy(model.module), origin=model.origin, tokenizer=model.tokenizer,
+                              input_names=model.input_names, overrides=copy.deepcopy(model.overrides),
+                              masks=dict(model.masks))
+        if cfg.student == "layers":
+            if not cfg.layers:
+                raise PassError("student = 'layers' needs layers = N")
+            module, kept = _shallow_copy(model, cfg.layers)
+            ctx.metrics["student_layers_from_teacher"] = kept
+            return TorchModel(module, origin=model.origin, tokenizer=model.tokenizer, input_names=model.input_names,
+                              overrides=copy.deepcopy(model.overrides))
+        if not cfg.student_model or ctx.load_model is None:
+            raise PassError("student = 'model' needs student_model = { source = ..., ... }")
+        loaded = ctx.load_model(cfg.student_model)
+        if not isinstance(loaded, TorchModel):
+            raise PassError("the student model must be a torch model")
+        return loaded
+
+    def _teacher(self, model: TorchModel, ctx: PassContext) -> TorchModel:
+        name = self.config.teacher
+        if name == "previous":
+            return model
+        if name not in ctx.stages:
+            raise PassError(f"teacher = {name!r} is not an earlier stage; earlier stages: {', '.join(ctx.stages)}")
+        teacher = ctx.stages[name]
+        if not isinstance(teacher, TorchModel):
+            raise PassError(f"teacher stage {name!r} is not a torch model")
+        return teacher
+
+    def run(self, model: TorchModel, ctx: PassContext) -> TorchModel:
+        import torch
+
+        cfg: DistillConfig = self.config
+        if ctx.inputs is None or not ctx.inputs.has_split("train"):
+            raise PassError("distill needs a train split: add [data] with a source and [data.splits] train = ...")
+        teacher, student = self._teacher(model, ctx), self._student(model, ctx)
+        device = ctx.device
+        teacher.module.to(device).eval()
+        student.module.to(device).train()
+        masks = {k: v.to(device) for k, v in student.masks.items()}
+        params = dict(student.module.named_parameters())
+        masks = {k: v for k, v in masks.items() if k in params and params[k].shape == v.shape}
+        train_size = len(ctx.inputs.dataset.split("train"))
+        steps_per_epoch = math.ceil(train_size / cfg.batch_size / cfg.gradient_accumulation)
+        total = min(cfg.max_steps or 10**9, steps_per_epoch * cfg.epochs)
+        decay = [p for n, p in params.items() if p.dim() > 1]
+        no_decay = [p for n, p in params.items() if p.dim() <= 1]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(total))
+        autocast = cfg.mixed_precision and device == "cuda"
+        torch.manual_seed(ctx.seed)
+        step, losses, history, best = 0, [], [], (-math.inf, None, 0)
+        start = time.perf_counter()
+        with ctx.progress(total, "distill") as bar:
+            for epoch in range(cfg.epochs):
+                if step >= total:
+                    break
+                for i, batch in enumerate(ctx.batches("train", cfg.batch_size)):
+                    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+                    labels = batch.labels.to(device) if batch.labels is not None else None
+                    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                        loss = self._loss(teacher.module, student.module, inputs, labels)
+                    (loss / cfg.gradient_accumulation).backward()
+                    if (i + 1) % cfg.gradient_accumulation:
+                        continue
+                    torch.nn.utils.clip_grad_norm_(student.module.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for name, mask in masks.items():
+                            params[name].mul_(mask)
+                    step += 1
+                    losses.append(float(loss))
+                    bar.update(1, loss=float(loss), epoch=epoch + 1)
+                    if step >= total:
+                        break
+                score, metric = self._evaluate(teacher.module, student.module, ctx)
+                history.append({"epoch": epoch + 1, "step": step, metric: round(score, 6)})
+                ctx.logger.info("distill epoch %d: %s = %.4f", epoch + 1, metric, score)
+                if score > best[0]:
+                    state = {k: v.detach().clone() for k, v in student.module.state_dict().items()} if cfg.keep_best else None
+                    best = (score, state, epoch + 1)
+        if cfg.keep_best and best[1] is not None:
+            student.module.load_state_dict(best[1])
+        student.module.eval().cpu()
+        violations = sum(int((params[n].detach().cpu()[~m.cpu()] != 0).sum()) for n, m in masks.items())
+        ctx.metrics.update(distill_steps=step, distill_seconds=round(time.perf_counter() - start, 2),
+                           distill_loss_first=round(losses[0], 5) if losses else None,
+                           distill_loss_last=round(sum(losses[-10:]) / max(1, len(losses[-10:])), 5) if losses else None,
+                           distill_history=history, distill_best_epoch=best[2], mask_violations=violations)
+        student.masks = {k: v.cpu() for k, v in masks.items()}
+        return student
+
+    def _lr_lambda(self, total: int) -> Any:
+        cfg: DistillConfig = self.config
+        warm = int(total * cfg.warmup_ratio)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            progress = (step - warm) / max(1, total - warm)
+            if cfg.schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0 if cfg.schedule == "constant" else max(0.0, 1 - progress)
+
+        return factor
+
+    def _loss(self, teacher: Any, student: Any, inputs: dict[str, Any], labels: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        cfg: DistillConfig = self.config
+        hidden = cfg.hidden_weight > 0
+        extra = {"output_hidden_states": True} if hidden else {}
+        s_raw = call_module(student, {**inputs, **extra}) if hidden else call_module(student, inputs)
+        s_name, s_out = main_output(s_raw)
+        loss = torch.zeros((), device=s_out.device)
+        use_teacher = cfg.alpha > 0 or hidden
+        if use_teacher:
+            with torch.no_grad():
+                t_raw = call_module(teacher, {**inputs, **extra}) if hidden else call_module(teacher, inputs)
+            _, t_out = main_output(t_raw)
+        is_logits = s_name == "logits" or (s_out.dim() == 2 and labels is not None)
+        if cfg.alpha > 0:
+            kind = cfg.output_loss if cfg.output_loss != "auto" else ("kl" if is_logits else "cosine")
+            mask = inputs.get("attention_mask")
+            s_vec, t_vec = (s_out, t_out.float()) if is_logits else (pooled(s_out, mask), pooled(t_out, mask))
+            if kind == "kl":
+                t = cfg.temperature
+                kd = F.kl_div(F.log_softmax(s_vec.float() / t, -1), F.softmax(t_vec / t, -1),
+                              reduction="batchmean") * t * t
+            elif kind == "mse":
+                kd = F.mse_loss(s_vec.float(), t_vec)
+            else:
+                kd = (1 - F.cosine_similarity(s_vec.float(), t_vec, dim=-1)).mean()
+            loss = loss + cfg.alpha * kd
+        if labels is not None and is_logits and cfg.alpha < 1:
+            loss = loss + (1 - cfg.alpha) * F.cross_entropy(s_out.float(), labels)
+        elif cfg.alpha == 0:
+            raise PassError("alpha = 0 trains on labels only, but the data has no labels or the model no logits")
+        if hidden:
+            s_h, t_h = s_raw.hidden_states, t_raw.hidden_states
+            picks = [round(i * (len(t_h) - 1) / max(1, len(s_h) - 1)) for i in range(len(s_h))]
+            pairs = [(s, t_h[j]) for s, j in zip(s_h, picks, strict=True) if s.shape == t_h[j].shape]
+            if pairs:
+                loss = loss + cfg.hidden_weight * sum(F.mse_loss(s.float(), t.float()) for s, t in pairs) / len(pairs)
+        return loss
+
+    def _evaluate(self, teacher: Any, student: Any, ctx: PassContext) -> tuple[float, str]:
+        """Accuracy on the eval split when there are labels and logits, else cosine to the teacher."""
+        import torch
+
+        split = "eval" if ctx.inputs.has_split("eval") else "train"
+        student.eval()
+        correct = total = 0
+        cosines = []
+        with torch.inference_mode():
+            for batch in ctx.batches(split, 32, limit=256):
+                inputs = {k: v.to(ctx.device) for k, v in batch.inputs.items()}
+                name, out = main_output(call_module(student, inputs))
+                if batch.labels is not None and name == "logits":
+                    correct += int((out.argmax(-1).cpu() == batch.labels).sum())
+                    total += len(batch.labels)
+                else:
+                    _, t_out = main_output(call_module(teacher, inputs))
+                    mask = inputs.get("attention_mask")
+                    cosines.append(torch.nn.functional.cosine_similarity(
+                        pooled(out, mask), pooled(t_out, mask), dim=-1).mean().item())
+        student.train()
+        if total:
+            return correct / total, "accuracy"
+        return sum(cosines) / max(1, len(cosines)), "fidelity_to_teacher"

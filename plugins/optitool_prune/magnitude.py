@@ -1,0 +1,142 @@
+"""The magnitude_prune pass."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from optitool import Pass, PassConfig, PassContext, PassError, TorchModel
+
+DEFAULT_EXCLUDE = ["*classifier*", "*lm_head*", "*pooler*", "*score*"]
+N_M = re.compile(r"^(\d+):(\d+)$")
+
+
+class PruneConfig(PassConfig):
+    sparsity: float | None = Field(None, gt=0, lt=1, description="fraction of covered weights (or units) removed")
+    pattern: str = Field("unstructured", description="unstructured, N:M (e.g. 2:4, N kept of every M) or structured")
+    scope: Literal["global", "layer"] = Field("global", description="one threshold for all layers, or per layer")
+    target: Literal["ffn", "heads", "ffn+heads"] = Field(
+        "ffn", description="structured pruning of transformers: FFN units, attention heads, or both")
+    include: list[str] = Field(default_factory=lambda: ["*"], description="module name patterns covered")
+    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE), description="module name patterns left")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        match = N_M.match(value)
+        if value not in ("unstructured", "structured") and not match:
+            raise ValueError("pattern is 'unstructured', 'structured' or 'N:M' like '2:4'")
+        if match and not 0 < int(match[1]) < int(match[2]):
+            raise ValueError("in N:M, N (weights kept) must be between 1 and M - 1")
+        return value
+
+    @model_validator(mode="after")
+    def _sparsity_needed(self) -> PruneConfig:
+        if self.sparsity is None and not N_M.match(self.pattern):
+            raise ValueError(f"sparsity is required with pattern = {self.pattern!r}")
+        match = N_M.match(self.pattern)
+        if match and self.sparsity is not None and abs(self.sparsity - (1 - int(match[1]) / int(match[2]))) > 1e-9:
+            raise ValueError(f"pattern {self.pattern} means sparsity {1 - int(match[1]) / int(match[2])}; "
+                             "leave sparsity out")
+        return self
+
+
+class MagnitudePrune(Pass):
+    """Prune the smallest-magnitude weights: unstructured, N:M (2:4) or structured (removes units and heads)."""
+
+    name = "magnitude_prune"
+    Config = PruneConfig
+    takes = "torch"
+    gives = "torch"
+
+    def covered(self, module: Any) -> dict[str, Any]:
+        """Weights of Linear and Conv layers whose names match include and not exclude."""
+        import torch
+
+        cfg: PruneConfig = self.config
+        found = {}
+        for name, sub in module.named_modules():
+            if not isinstance(sub, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d):
+                continue
+            if any(fnmatch.fnmatch(name, p) for p in cfg.include) and not any(
+                    fnmatch.fnmatch(name, p) for p in cfg.exclude):
+                found[f"{name}.weight"] = sub.weight
+        return found
+
+    def run(self, model: TorchModel, ctx: PassContext) -> TorchModel:
+        if self.config.pattern == "structured":
+            return self._structured(model, ctx)
+        import torch
+
+        cfg: PruneConfig = self.config
+        weights = self.covered(model.module)
+        if not weights:
+            raise PassError(f"no Linear or Conv weights match include={cfg.include} exclude={cfg.exclude}")
+        match = N_M.match(cfg.pattern)
+        from optitool_prune.masks import global_masks, layer_mask, n_m_mask
+
+        if match:
+            n, m = int(match[1]), int(match[2])
+            masks = {}
+            for name, w in weights.items():
+                try:
+                    masks[name] = n_m_mask(w, n, m)
+                except ValueError as exc:
+                    raise PassError(f"{name}: {exc}; exclude that layer for pattern {cfg.pattern}") from None
+            ctx.metrics["runtime_note"] = (f"{cfg.pattern} sparsity runs faster only where a kernel exploits it: "
+                                           "torch.sparse semi-structured (2:4) on CUDA GPUs with sparse tensor "
+                                           "cores; on CPU and in onnxruntime the zeros run on dense kernels")
+        elif cfg.scope == "global":
+            masks = global_masks(weights, cfg.sparsity)
+        else:
+            masks = {name: layer_mask(w, cfg.sparsity) for name, w in weights.items()}
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.mul_(masks[name].to(w.dtype))
+        existing = dict(model.masks)
+        for name, mask in masks.items():
+            existing[name] = mask & existing[name] if name in existing else mask
+        model.masks = {k: v.cpu() for k, v in existing.items()}
+        ctx.state["masks"] = model.masks
+        per_layer = {name: round(1 - float(masks[name].float().mean()), 6) for name in weights}
+        covered = sum(w.numel() for w in weights.values())
+        zeros = sum(int((w == 0).sum()) for w in weights.values())
+        ctx.metrics.update(pattern=cfg.pattern, covered_parameters=covered,
+                           covered_sparsity=round(zeros / covered, 6), sparsity_per_layer=per_layer)
+        return model
+
+    def _structured(self, model: TorchModel, ctx: PassContext) -> TorchModel:
+        import torch
+
+        from optitool_prune.structured import bert_layers, prune_ffn, prune_heads, prune_sequential
+
+        cfg: PruneConfig = self.config
+        before = sum(p.numel() for p in model.module.parameters())
+        layers = bert_layers(model.module)
+        details: dict[str, Any] = {}
+        if layers:
+            if "ffn" in cfg.target:
+                details.update(prune_ffn(layers, cfg.sparsity, cfg.scope))
+            if "heads" in cfg.target:
+                info, overrides = prune_heads(model.module, layers, cfg.sparsity, cfg.scope)
+                details.update(info)
+                for name, attrs in overrides.items():
+                    model.overrides[name] = {**model.overrides.get(name, {}), **attrs}
+        else:
+            seq = next((m for m in [model.module, *model.module.modules()] if isinstance(m, torch.nn.Sequential)),
+                       None)
+            if seq is None:
+                raise PassError("structured pruning knows BERT-like transformers and nn.Sequential stacks of "
+                                "Linear/Conv2d layers; this model is neither. Use pattern = 'unstructured' or '2:4'")
+            try:
+                details.update(prune_sequential(seq, cfg.sparsity, cfg.scope))
+            except ValueError as exc:
+                raise PassError(f"structured pruning: {exc}") from None
+        after = sum(p.numel() for p in model.module.parameters())
+        model.masks = {}
+        ctx.metrics.update(pattern="structured", target=cfg.target, parameters_before=before,
+                           parameters_removed=before - after, **details)
+        return model

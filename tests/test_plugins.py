@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import optitool
+from optitool import hookspecs
+from optitool.plugins import get_plugin_manager
+
+
+class Shrink(optitool.Pass):
+    name = "acme.shrink"
+    Config = optitool.PassConfig
+    takes = "torch"
+    gives = "torch"
+
+    def run(self, model, ctx):
+        return model
+
+
+def plugin_module(name: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    return module
+
+
+def registers(pass_class):
+    return optitool.hookimpl(lambda registry: registry.add(pass_class))
+
+
+def test_builtins_load_through_entry_points_and_check_pending_passes():
+    loaded = get_plugin_manager(autoload=False)
+    assert {"magnitude_prune", "int8_quantize", "onnx_export", "distill"} <= set(loaded.registry.passes)
+    origins = {i.name: i.origin for i in loaded.infos}
+    assert origins["prune"] == "built-in" and origins["core"] == "core"
+    loaded.pm.check_pending()
+    assert not loaded.broken
+
+
+def test_explicit_plugin_registers_a_pass():
+    module = plugin_module("acme_plugin", optitool_register_passes=registers(Shrink))
+    loaded = get_plugin_manager(autoload=False, modules=(module,))
+    assert loaded.registry.passes["acme.shrink"].plugin == "acme_plugin"
+
+
+def test_blocked_plugin_is_not_loaded(monkeypatch):
+    monkeypatch.setenv("OPTITOOL_BLOCK_PLUGINS", "prune")
+    loaded = get_plugin_manager(autoload=False)
+    assert "magnitude_prune" not in loaded.registry.passes
+    assert next(i for i in loaded.infos if i.name == "prune").blocked
+
+
+def test_broken_plugin_is_named_and_others_still_work(monkeypatch):
+    monkeypatch.setitem(sys.modules, "broken_plugin_mod", None)  # import of it fails
+    with pytest.warns(UserWarning, match="broken_plugin_mod"):
+        loaded = get_plugin_manager(autoload=False, plugins=("broken_plugin_mod",))
+    assert "onnx_export" in loaded.registry.passes
+    assert "import of 'broken_plugin_mod' failed" in loaded.broken[0].error
+
+
+def test_misspelled_hook_is_refused_loudly():
+    module = plugin_module("typo_plugin", optitool_register_pases=optitool.hookimpl(lambda registry: None))
+    with pytest.warns(UserWarning, match="misspelled"):
+        loaded = get_plugin_manager(autoload=False, modules=(module,))
+    assert loaded.broken[0].name == "typo_plugin"
+
+
+def test_incompatible_api_version_is_refused():
+    module = plugin_module("future_plugin", OPTITOOL_API_VERSION=2, optitool_register_passes=registers(Shrink))
+    with pytest.warns(UserWarning, match="API version 2"):
+        loaded = get_plugin_manager(autoload=False, modules=(module,))
+    assert "acme.shrink" not in loaded.registry.passes
+
+
+def test_duplicate_pass_name_names_both_plugins():
+    class Clash(Shrink):
+        name = "onnx_export"
+
+    module = plugin_module("clash_plugin", optitool_register_passes=registers(Clash))
+    with pytest.warns(UserWarning, match="registered twice: by plugin 'onnx' and by plugin 'clash_plugin'"):
+        loaded = get_plugin_manager(autoload=False, modules=(module,))
+    assert loaded.registry.passes["onnx_export"].plugin == "onnx"
+
+
+def test_invalid_pass_class_is_reported():
+    class NoRun(optitool.Pass):
+        name = "norun"
+
+    module = plugin_module("norun_plugin", optitool_register_passes=registers(NoRun))
+    with pytest.warns(UserWarning, match="does not implement run"):
+        get_plugin_manager(autoload=False, modules=(module,))
+
+
+def test_autoload_switch_skips_third_party_entry_points(monkeypatch):
+    from optitool import plugins as plugins_module
+
+    class FakeDist:
+        metadata = {"Name": "acme-optitool"}
+        version = "9.9"
+
+    class FakeEntryPoint:
+        name, value, dist = "acme", "acme_ep_module", FakeDist()
+
+    monkeypatch.setattr(plugins_module, "entry_points", lambda group: [FakeEntryPoint()])
+    monkeypatch.setitem(sys.modules, "acme_ep_module", plugin_module("acme_ep_module",
+                                                                     optitool_register_passes=registers(Shrink)))
+    assert "acme.shrink" in get_plugin_manager().registry.passes
+    monkeypatch.setenv("OPTITOOL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert "acme.shrink" not in get_plugin_manager().registry.passes
+
+
+def test_every_hook_is_documented_with_its_signature():
+    doc = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if name.startswith("optitool_"):
+            params = ", ".join(inspect.signature(fn).parameters)
+            assert re.search(rf"{name}\({re.escape(params)}\)", doc), f"docs/plugins.md lacks {name}({params})"
