@@ -192,12 +192,12 @@ def check_pass_contract(pass_class: type, *, settings: dict[str, Any] | None = N
             raise AssertionError(f"{pass_class.name}: an ONNX model was not refused before running")
 
     if "torch" in pass_class.accepted_kinds():
+        import logging
+        import tempfile
+
         from optitool.data.inputs import InputSource
         from optitool.data.sources import Dataset
         from optitool.passes import PassContext
-
-        import logging
-        import tempfile
 
         artifact = model if model is not None else TorchModel(tiny_mlp(), input_names=["x"])
         from optitool.config import InputSpec

@@ -125,7 +125,7 @@ def _rows(spec: DataSpec, base_dir: Path) -> list[tuple[str, Any]]:
 
 
 def _split_sizes(spec: DataSpec, total: int) -> dict[str, int]:
-    sizes = {name: int(v) if v >= 1 else int(round(v * total)) for name, v in spec.splits.items()}
+    sizes = {name: int(v) if v >= 1 else int(v * total) for name, v in spec.splits.items()}
     if sum(sizes.values()) > total:
         raise ConfigError(f"[data.splits] ask for {sum(sizes.values())} examples but the data has {total}")
     return sizes

@@ -146,8 +146,8 @@ class Distill(Pass):
                         for name, mask in masks.items():
                             params[name].mul_(mask)
                     step += 1
-                    losses.append(float(loss))
-                    bar.update(1, loss=float(loss), epoch=epoch + 1)
+                    losses.append(float(loss.detach()))
+                    bar.update(1, loss=losses[-1], epoch=epoch + 1)
                     if step >= total:
                         break
                 score, metric = self._evaluate(teacher.module, student.module, ctx)

@@ -9,7 +9,16 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from optitool import ConfigError, ModelArtifact, OnnxModel, Pass, PassConfig, PassContext, PassError, TorchModel
+from optitool import (
+    ConfigError,
+    ModelArtifact,
+    OnnxModel,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassError,
+    TorchModel,
+)
 
 
 class Int8Config(PassConfig):

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+from optitool_distill.distill import Distill
+
+from optitool.errors import RunError
+from optitool.testing import check_pass_contract, run_snippet
+
+
+def bert_snippet(bert, texts, passes: str, task: str = "text-classification") -> str:
+    return f"""
+seed = 1
+[model]
+source = "hf"
+path = "{bert}"
+task = "{task}"
+num_labels = 3
+max_length = 16
+[data]
+source = "folder"
+path = "{texts}"
+splits = {{ train = 0.7, eval = 0.3 }}
+{passes}
+"""
+
+
+def test_fine_tuning_learns_and_masks_survive_distillation(tmp_path, optitool_tiny_bert):
+    from optitool.testing import text_folder
+
+    texts = text_folder(tmp_path / "more-texts", per_label=40)
+    passes = """
+[[passes]]
+pass = "distill"
+name = "finetune"
+alpha = 0.0
+epochs = 4
+lr = 0.002
+warmup_ratio = 0.0
+batch_size = 8
+[[passes]]
+pass = "magnitude_prune"
+sparsity = 0.5
+[[passes]]
+pass = "distill"
+name = "recover"
+teacher = "finetune"
+epochs = 2
+lr = 0.001
+batch_size = 8
+"""
+    result = run_snippet(bert_snippet(optitool_tiny_bert, texts, passes), tmp_path)
+    stages = {s["name"]: s["metrics"] for s in result.report["stages"]}
+    tuned = stages["finetune"]
+    assert tuned["distill_loss_last"] < tuned["distill_loss_first"]
+    assert tuned["accuracy"] > 0.6  # three topics with disjoint vocabularies are learnable
+    recover = stages["recover"]
+    assert recover["mask_violations"] == 0
+    assert recover["nonzero_parameters"] <= stages["magnitude_prune"]["nonzero_parameters"]
+
+
+def test_shallow_student_keeps_evenly_spaced_layers_and_reloads(tmp_path, optitool_text_folder):
+    from optitool.testing import tiny_bert_dir
+
+    bert = tiny_bert_dir(tmp_path / "bert4", classes=3, layers=4)
+    passes = '[[passes]]\npass = "distill"\nstudent = "layers"\nlayers = 2\nmax_steps = 3\n'
+    result = run_snippet(bert_snippet(bert, optitool_text_folder, passes), tmp_path)
+    assert result.report["stages"][1]["metrics"]["student_layers_from_teacher"] == [0, 3]
+    from optitool.models.loaders import LOADERS, load_stage
+
+    reloaded = load_stage(result.run_dir / "01-distill", LOADERS)
+    assert len(reloaded.module.bert.encoder.layer) == 2
+
+
+def test_without_a_train_split_the_error_says_what_to_add(tmp_path):
+    snippet = ('[model]\nsource = "python"\nfactory = "optitool.testing:tiny_mlp"\n[model.inputs]\nx = ["batch", 16]\n'
+               '[[passes]]\npass = "distill"\n')
+    with pytest.raises(RunError, match="needs a train split"):
+        run_snippet(snippet, tmp_path)
+
+
+def test_contract(tmp_path):
+    check_pass_contract(Distill, tmp_path=tmp_path)

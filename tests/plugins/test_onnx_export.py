@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import onnx
+import pytest
+from onnx import numpy_helper
+from optitool_onnx.export import OnnxExport
+
+from optitool.errors import RunError
+from optitool.testing import check_pass_contract, run_snippet
+
+MLP = """
+[model]
+source = "python"
+factory = "optitool.testing:tiny_mlp"
+[model.inputs]
+x = ["batch", 16]
+"""
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_verifies_and_has_dynamic_batch(tmp_path, exporter):
+    result = run_snippet(MLP + f'[[passes]]\npass = "onnx_export"\nexporter = "{exporter}"\n', tmp_path)
+    stage = result.report["stages"][1]
+    assert stage["kind"] == "onnx" and stage["metrics"]["export_max_abs_diff"] < 1e-4
+    graph = onnx.load(result.run_dir / stage["artifact"]).graph
+    assert graph.input[0].name == "x"
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
+
+
+def test_planted_mismatch_fails_the_pass(tmp_path, monkeypatch):
+    from optitool_onnx import export as export_module
+
+    original = export_module.OnnxExport._export_torch
+
+    def corrupt(self, module, sample, names, output_name, path):
+        original(self, module, sample, names, output_name, path)
+        model = onnx.load(path)
+        biggest = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+        array = numpy_helper.to_array(biggest) * 1.5
+        biggest.CopyFrom(numpy_helper.from_array(array, biggest.name))
+        onnx.save(model, path)
+
+    monkeypatch.setattr(export_module.OnnxExport, "_export_torch", corrupt)
+    with pytest.raises(RunError, match="verification failed"):
+        run_snippet(MLP + '[[passes]]\npass = "onnx_export"\nexporter = "torchscript"\n', tmp_path)
+    assert not (tmp_path / "run" / "01-onnx_export").exists()
+
+
+def test_text_model_export_with_transformer_fusions(tmp_path, optitool_tiny_bert):
+    snippet = f'[model]\nsource = "hf"\npath = "{optitool_tiny_bert}"\nmax_length = 16\n' \
+              '[[passes]]\npass = "onnx_export"\noptimize = "transformer"\n'
+    result = run_snippet(snippet, tmp_path)
+    metrics = result.report["stages"][1]["metrics"]
+    assert metrics["fidelity"] > 0.9999 and metrics["export_cosine"] > 0.9999
+
+
+def test_contract(tmp_path):
+    check_pass_contract(OnnxExport, tmp_path=tmp_path)

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from optitool_prune.magnitude import MagnitudePrune
+
+from optitool.testing import check_pass_contract, run_snippet
+
+MLP = """
+[model]
+source = "python"
+factory = "optitool.testing:tiny_mlp"
+kwargs = { hidden = 64 }
+[model.inputs]
+x = ["batch", 16]
+"""
+
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_unstructured_reaches_the_target_exactly(tmp_path, scope):
+    result = run_snippet(MLP + f'[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\nscope = "{scope}"\n', tmp_path)
+    metrics = result.report["stages"][1]["metrics"]
+    assert metrics["covered_sparsity"] == pytest.approx(0.5, abs=1e-9)
+    per_layer = metrics["sparsity_per_layer"]
+    assert set(per_layer) == {"0.weight", "2.weight", "4.weight"}
+    if scope == "layer":
+        module = result.stages[1].artifact.module
+        for index in (0, 2, 4):
+            assert float((module[index].weight == 0).float().mean()) == pytest.approx(0.5, abs=1 / module[index].weight.numel())
+
+
+def test_two_four_pattern_holds_in_every_group(tmp_path):
+    result = run_snippet(MLP + '[[passes]]\npass = "magnitude_prune"\npattern = "2:4"\n', tmp_path)
+    module = result.stages[1].artifact.module
+    for index in (0, 2, 4):
+        groups = module[index].weight.detach().reshape(-1, 4)
+        assert ((groups != 0).sum(1) <= 2).all() and ((groups == 0).sum(1) >= 2).all()
+    assert "sparse" in result.report["stages"][1]["metrics"]["runtime_note"]
+
+
+def test_masks_are_recorded_and_exclude_patterns_work(tmp_path):
+    snippet = MLP + '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\nexclude = ["4"]\n'
+    result = run_snippet(snippet, tmp_path)
+    artifact = result.stages[1].artifact
+    assert set(artifact.masks) == {"0.weight", "2.weight"}
+    assert float((artifact.module[4].weight == 0).float().mean()) == 0.0
+
+
+def test_structured_removes_units_and_the_stage_reloads(tmp_path):
+    result = run_snippet(MLP + '[[passes]]\npass = "magnitude_prune"\npattern = "structured"\nsparsity = 0.5\n'
+                               'scope = "layer"\n', tmp_path)
+    module = result.stages[1].artifact.module
+    assert module[0].out_features == 32 and module[2].in_features == 32 and module[4].in_features == 32
+    metrics = result.report["stages"][1]["metrics"]
+    assert metrics["parameters"] < result.report["stages"][0]["metrics"]["parameters"]
+    from optitool.models.loaders import LOADERS, load_stage
+
+    reloaded = load_stage(result.run_dir / "01-magnitude_prune", LOADERS).module
+    x = torch.randn(3, 16)
+    assert torch.allclose(reloaded(x), module(x), atol=1e-6)
+
+
+def test_structured_heads_and_ffn_on_a_tiny_bert(tmp_path, optitool_tiny_bert, optitool_text_folder):
+    snippet = f"""
+[model]
+source = "hf"
+path = "{optitool_tiny_bert}"
+max_length = 16
+[data]
+source = "folder"
+path = "{optitool_text_folder}"
+[[passes]]
+pass = "magnitude_prune"
+pattern = "structured"
+target = "ffn+heads"
+sparsity = 0.5
+scope = "layer"
+[[passes]]
+pass = "onnx_export"
+"""
+    result = run_snippet(snippet, tmp_path)
+    metrics = result.report["stages"][1]["metrics"]
+    assert metrics["heads_kept"] == [2, 2] and metrics["ffn_units_kept"] == [32, 32]
+    assert result.report["stages"][2]["metrics"]["export_max_abs_diff"] < 1e-3
+    from optitool.models.loaders import LOADERS, load_stage
+
+    reloaded = load_stage(result.run_dir / "01-magnitude_prune", LOADERS)
+    assert reloaded.module.encoder.layer[0].attention.self.num_attention_heads == 2
+
+
+def test_nm_on_incompatible_width_is_a_clear_error(tmp_path):
+    from optitool.errors import RunError
+
+    snippet = MLP.replace("hidden = 64", "hidden = 30") + '[[passes]]\npass = "magnitude_prune"\npattern = "2:4"\n'
+    with pytest.raises(RunError, match="not a multiple of 4"):
+        run_snippet(snippet, tmp_path)
+
+
+@pytest.mark.parametrize("settings", [{"sparsity": 0.5}, {"pattern": "2:4"},
+                                      {"pattern": "structured", "sparsity": 0.25}])
+def test_contract(settings, tmp_path):
+    check_pass_contract(MagnitudePrune, settings=settings, tmp_path=tmp_path)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import onnx
+import pytest
+from optitool_quantize.int8 import Int8Quantize
+
+from optitool.testing import check_pass_contract, run_snippet
+
+MLP = """
+[model]
+source = "python"
+factory = "optitool.testing:tiny_mlp"
+kwargs = { hidden = 128 }
+[model.inputs]
+x = ["batch", 16]
+[[passes]]
+pass = "onnx_export"
+"""
+
+
+@pytest.mark.parametrize("settings, op", [('mode = "dynamic"', "DynamicQuantizeLinear"),
+                                          ('mode = "static"\ncalibration = "minmax"', "QuantizeLinear"),
+                                          ('mode = "static"\ncalibration = "percentile"', "QuantizeLinear")])
+def test_onnx_int8_shrinks_and_stays_close(tmp_path, settings, op):
+    result = run_snippet(MLP + f'[[passes]]\npass = "int8_quantize"\n{settings}\n', tmp_path)
+    stage = result.report["stages"][2]
+    assert stage["metrics"]["size_ratio"] < 0.5
+    assert stage["metrics"]["fidelity"] > 0.98
+    ops = {n.op_type for n in onnx.load(result.run_dir / stage["artifact"]).graph.node}
+    assert op in ops
+
+
+def test_fused_transformer_graph_still_quantizes(tmp_path, optitool_tiny_bert):
+    snippet = (f'[model]\nsource = "hf"\npath = "{optitool_tiny_bert}"\nmax_length = 16\n'
+               '[[passes]]\npass = "onnx_export"\nexporter = "dynamo"\noptimize = "transformer"\n'
+               '[[passes]]\npass = "int8_quantize"\n')
+    result = run_snippet(snippet, tmp_path)
+    assert result.report["stages"][2]["metrics"]["size_ratio"] < 0.6
+
+
+def test_torch_dynamic_int8_on_cpu(tmp_path):
+    snippet = MLP.replace('[[passes]]\npass = "onnx_export"\n', "") + '[[passes]]\npass = "int8_quantize"\n'
+    result = run_snippet(snippet, tmp_path)
+    stage = result.report["stages"][1]
+    assert stage["kind"] == "torch" and stage["metrics"]["fidelity"] > 0.98
+
+
+def test_weight_only_on_onnx_is_refused_before_running(tmp_path):
+    from optitool.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="weight_only"):
+        run_snippet(MLP + '[[passes]]\npass = "int8_quantize"\nmode = "weight_only"\n', tmp_path)
+
+
+def test_contract(tmp_path):
+    check_pass_contract(Int8Quantize, tmp_path=tmp_path)

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from optitool.cli import cli
+from tests.conftest import MLP_PIPELINE
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_and_passes_do_not_import_torch():
+    code = ("import sys; from click.testing import CliRunner; from optitool.cli import cli; "
+            "r = CliRunner().invoke(cli, ['passes']); assert r.exit_code == 0, r.output; "
+            "bad = [m for m in ('torch', 'onnxruntime', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_passes_json_lists_builtins_with_kinds_and_schema():
+    result = invoke("passes", "--json")
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["onnx_export"]["takes"] == ["torch"] and rows["onnx_export"]["gives"] == "onnx"
+    assert rows["magnitude_prune"]["plugin"] == "prune"
+    assert "sparsity" in rows["magnitude_prune"]["schema"]["properties"]
+    assert set(rows["int8_quantize"]["takes"]) == {"torch", "onnx"}
+
+
+def test_passes_schema_of_one_pass():
+    schema = json.loads(invoke("passes", "--schema", "magnitude_prune").output)
+    assert schema["additionalProperties"] is False
+
+
+def test_plugins_lists_origin_and_registrations():
+    out = invoke("plugins").output
+    assert "built-in" in out and "passes: magnitude_prune" in out and "loaders:" in out
+
+
+@pytest.mark.parametrize("body, extra, fragment", [
+    ("[model\n", (), "not valid TOML"),
+    (MLP_PIPELINE + '[[passes]]\npass = "no_such_pass"\n', (), "unknown pass 'no_such_pass'"),
+    (MLP_PIPELINE + '[[passes]]\npass = "magnitude_prune"\nsparsity = 2\n', (), "sparsity"),
+    (MLP_PIPELINE + '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\nsparsty = 1\n', (), "unknown key 'sparsty'"),
+    ('[model]\nsource = "hf"\npath = "does/not/exist"\n', (), "does not exist"),
+    ('[model]\nsource = "python"\nfactory = "models:missing"\n', (), "no callable named 'missing'"),
+    (MLP_PIPELINE + '[[passes]]\npass = "onnx_export"\n[[passes]]\npass = "distill"\n', (),
+     "takes torch models, but passes[0] (pass 'onnx_export') gives an onnx model"),
+    (MLP_PIPELINE + '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n', ("--set", "passes.0.nope=1"),
+     "--set passes.0.nope"),
+])
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(write, mlp_module, tmp_path, body, extra, fragment):
+    pipeline = write("bad.toml", body)
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "--output", str(tmp_path / "out"), *extra])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_pipeline_file(tmp_path):
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_validate_prints_the_chain(mlp_pipeline):
+    result = invoke("validate", str(mlp_pipeline))
+    assert result.exit_code == 0 and "magnitude_prune (torch->torch)" in result.output
+
+
+def test_run_writes_report_and_table_and_refuses_to_overwrite(mlp_pipeline, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["run", str(mlp_pipeline), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "magnitude_prune" in result.output and (out / "report.json").is_file()
+    again = CliRunner().invoke(cli, ["run", str(mlp_pipeline), "-o", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert (out / "report.json").is_file()
+    assert CliRunner().invoke(cli, ["run", str(mlp_pipeline), "-o", str(out), "--overwrite"]).exit_code == 0
+
+
+def test_budget_failure_exits_1_naming_budget_limit_and_value(write, mlp_module, tmp_path):
+    pipeline = write("p.toml", MLP_PIPELINE + '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.9\n'
+                     "[budget]\nmin_fidelity = 0.999\n")
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "-o", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert "min_fidelity FAILED: measured" in result.output and "limit 0.999" in result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["budget"]["passed"] is False
+
+
+def test_device_cuda_without_gpu_is_a_usage_error(mlp_pipeline, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = CliRunner().invoke(cli, ["run", str(mlp_pipeline), "-o", str(tmp_path / "r"), "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output
