@@ -124,7 +124,17 @@ class PassContext:
     def rng(self) -> random.Random:
         return random.Random(self.seed)
 
-    def batches(self, split: str, batch_size: int, *, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    def hand_on(self, key: str, value: Any, *, unless_taken: str) -> None:
+        """Leave `value` for a later pass to `take(key)`; the run fails with `unless_taken` if none does
+        (for example gradual pruning that only a following distillation can carry out)."""
+        self.state.setdefault("_handed_on", {})[key] = (value, unless_taken)
+
+    def take(self, key: str) -> Any:
+        """What an earlier pass handed on under `key`, or None; taking it settles the hand-over."""
+        entry = self.state.get("_handed_on", {}).pop(key, None)
+        return entry[0] if entry else None
+
+    def batches(self, split: str, batch_size: int, *, limit: int | None = None) -> Iterator[Any]:
         if self.inputs is None:
             raise PassError(f"pass {self.pass_name!r} needs data, but the pipeline has no inputs for it")
         return self.inputs.batches(split, batch_size, limit=limit)

@@ -87,6 +87,18 @@ class PeakMemory:
         return out
 
 
+def _check_labels(model: ModelArtifact, label_names: list[str]) -> None:
+    """A classification head must have one output per label the data uses."""
+    config = getattr(getattr(model, "module", None), "config", None)
+    architectures = getattr(config, "architectures", None) or []
+    is_classifier = any("Classification" in a for a in architectures) or \
+        type(getattr(model, "module", None)).__name__.endswith("ForSequenceClassification")
+    if label_names and is_classifier and config.num_labels != len(label_names):
+        raise ConfigError(f"the data has {len(label_names)} labels ({', '.join(label_names)}) but the model's "
+                          f"classification head has {config.num_labels} outputs; set [model] num_labels = "
+                          f"{len(label_names)} (a new head is then trained by distill with alpha = 0)")
+
+
 def _private_copy(model: ModelArtifact) -> ModelArtifact:
     """A pass may change the model it is given in place; earlier stages must not change with it."""
     import copy
@@ -141,6 +153,7 @@ class Runner:
         loader = self.registry.loaders[spec.model.source].obj
         model = loader.load(spec.model, spec.base_dir)
         max_length = (spec.data.max_length if spec.data and spec.data.max_length else spec.model.max_length)
+        _check_labels(model, dataset.label_names)
         tokenizer = getattr(model, "tokenizer", None)
         inputs = InputSource(dataset, tokenizer=tokenizer, input_specs=spec.model.inputs,
                              input_names=getattr(model, "input_names", None), max_length=max_length, seed=spec.seed)
@@ -194,6 +207,9 @@ class Runner:
         except OptitoolError as exc:
             self.report.update(status="failed", error=str(exc))
             raise
+        except Exception as exc:
+            self.report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             self._write_report()
             logging.getLogger("optitool").removeHandler(self._handler)
@@ -204,9 +220,12 @@ class Runner:
         from optitool.models.store import stage_metrics
 
         self.eval_batches = eval_batches(inputs)
-        record = {"name": "baseline", "pass": None, "plugin": None, "kind": baseline.kind,
-                  "artifact": None, "origin": getattr(baseline, "origin", None) or self.spec.model.model_dump(exclude_none=True),
-                  "metrics": stage_metrics(baseline), "benchmarks": [], "seconds": 0.0, "flags": []}
+        origin = getattr(baseline, "origin", None) or self.spec.model.model_dump(exclude_none=True)
+        if isinstance(baseline, OnnxModel):
+            origin = {**origin, "path": str(baseline.path.resolve())}
+        record = {"name": "baseline", "pass": None, "plugin": None, "kind": baseline.kind, "artifact": None,
+                  "origin": origin, "metrics": stage_metrics(baseline), "benchmarks": [], "seconds": 0.0,
+                  "flags": []}
         metrics, self.reference = evaluate(baseline, self.eval_batches, None, self.registry, device,
                                            inputs.label_names)
         record["metrics"].update(metrics)
@@ -217,6 +236,9 @@ class Runner:
         model = baseline
         for number, pass_spec in enumerate(self.spec.active_passes, start=1):
             model = self._run_pass(number, pass_spec, model, inputs, device)
+        unsettled = self._state.get("_handed_on", {})
+        if unsettled:
+            raise RunError("; ".join(message for _, message in unsettled.values()))
 
     def _run_pass(self, number: int, pass_spec: Any, model: ModelArtifact, inputs: Any,
                   device: str) -> ModelArtifact:

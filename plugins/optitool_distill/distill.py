@@ -62,6 +62,13 @@ def _shallow_copy(teacher: TorchModel, layers: int) -> tuple[Any, list[int]]:
     return student, keep
 
 
+def _combine(masks: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = dict(masks)
+    for name, mask in new.items():
+        out[name] = out[name] & mask.to(out[name].device) if name in out else mask
+    return out
+
+
 class Distill(Pass):
     """Distil the model into a student (same, shallower, or named), keeping pruning masks."""
 
@@ -123,6 +130,11 @@ class Distill(Pass):
                                        {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(total))
         autocast = cfg.mixed_precision and device == "cuda"
+        pruner = ctx.take("gradual_pruning")  # handed on by magnitude_prune(schedule = "cubic")
+        if pruner is not None and cfg.student != "same":
+            raise PassError("gradual pruning (magnitude_prune schedule = 'cubic') needs student = 'same'")
+        if pruner is not None:
+            masks = _combine(masks, pruner.update(student.module, 0, total))
         torch.manual_seed(ctx.seed)
         step, losses, history, best = 0, [], [], (-math.inf, None, 0)
         start = time.perf_counter()
@@ -146,6 +158,8 @@ class Distill(Pass):
                         for name, mask in masks.items():
                             params[name].mul_(mask)
                     step += 1
+                    if pruner is not None and pruner.due(step, total):
+                        masks = _combine(masks, pruner.update(student.module, step, total))
                     losses.append(float(loss.detach()))
                     bar.update(1, loss=losses[-1], epoch=epoch + 1)
                     if step >= total:
@@ -156,7 +170,10 @@ class Distill(Pass):
                 if score > best[0]:
                     state = {k: v.detach().clone() for k, v in student.module.state_dict().items()} if cfg.keep_best else None
                     best = (score, state, epoch + 1)
-        if cfg.keep_best and best[1] is not None:
+        if pruner is not None:  # the best epoch may predate the final sparsity: only the final one counts
+            masks = _combine(masks, pruner.update(student.module, total, total))
+            ctx.metrics["gradual_final_sparsity"] = round(pruner.sparsity_at(total, total), 6)
+        elif cfg.keep_best and best[1] is not None:
             student.module.load_state_dict(best[1])
         student.module.eval().cpu()
         violations = sum(int((params[n].detach().cpu()[~m.cpu()] != 0).sum()) for n, m in masks.items())

@@ -22,6 +22,9 @@ class PruneConfig(PassConfig):
         "ffn", description="structured pruning of transformers: FFN units, attention heads, or both")
     include: list[str] = Field(default_factory=lambda: ["*"], description="module name patterns covered")
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE), description="module name patterns left")
+    schedule: Literal["oneshot", "cubic"] = Field(
+        "oneshot", description="cubic: prune gradually during the next distill pass (unstructured only)")
+    frequency: int = Field(10, ge=1, description="with schedule = cubic: optimizer steps between mask updates")
 
     @field_validator("pattern")
     @classmethod
@@ -37,6 +40,8 @@ class PruneConfig(PassConfig):
     def _sparsity_needed(self) -> PruneConfig:
         if self.sparsity is None and not N_M.match(self.pattern):
             raise ValueError(f"sparsity is required with pattern = {self.pattern!r}")
+        if self.schedule == "cubic" and self.pattern != "unstructured":
+            raise ValueError("schedule = 'cubic' works with pattern = 'unstructured'")
         match = N_M.match(self.pattern)
         if match and self.sparsity is not None and abs(self.sparsity - (1 - int(match[1]) / int(match[2]))) > 1e-9:
             raise ValueError(f"pattern {self.pattern} means sparsity {1 - int(match[1]) / int(match[2])}; "
@@ -75,6 +80,8 @@ class MagnitudePrune(Pass):
         weights = self.covered(model.module)
         if not weights:
             raise PassError(f"no Linear or Conv weights match include={cfg.include} exclude={cfg.exclude}")
+        if cfg.schedule == "cubic":
+            return self._hand_on_gradual(model, weights, ctx)
         match = N_M.match(cfg.pattern)
         from optitool_prune.masks import global_masks, layer_mask, n_m_mask
 
@@ -106,6 +113,19 @@ class MagnitudePrune(Pass):
         zeros = sum(int((w == 0).sum()) for w in weights.values())
         ctx.metrics.update(pattern=cfg.pattern, covered_parameters=covered,
                            covered_sparsity=round(zeros / covered, 6), sparsity_per_layer=per_layer)
+        return model
+
+    def _hand_on_gradual(self, model: TorchModel, weights: dict[str, Any], ctx: PassContext) -> TorchModel:
+        from optitool_prune.gradual import GradualPruner
+
+        cfg: PruneConfig = self.config
+        pruner = GradualPruner(target=cfg.sparsity, scope=cfg.scope, weight_names=list(weights),
+                               frequency=cfg.frequency)
+        ctx.hand_on("gradual_pruning", pruner, unless_taken=(
+            "magnitude_prune with schedule = 'cubic' prunes during training, but no distill pass followed it; "
+            "add one after it or use schedule = 'oneshot'"))
+        ctx.metrics.update(pattern="unstructured", schedule="cubic", target_sparsity=cfg.sparsity,
+                           note="weights are pruned during the next distill pass")
         return model
 
     def _structured(self, model: TorchModel, ctx: PassContext) -> TorchModel:

@@ -80,3 +80,40 @@ def test_without_a_train_split_the_error_says_what_to_add(tmp_path):
 
 def test_contract(tmp_path):
     check_pass_contract(Distill, tmp_path=tmp_path)
+
+
+def test_cubic_schedule_reaches_the_target_during_distillation(tmp_path, optitool_tiny_bert, optitool_text_folder):
+    passes = """
+[[passes]]
+pass = "magnitude_prune"
+sparsity = 0.6
+schedule = "cubic"
+frequency = 2
+[[passes]]
+pass = "distill"
+max_steps = 6
+batch_size = 8
+"""
+    result = run_snippet(bert_snippet(optitool_tiny_bert, optitool_text_folder, passes, task="feature-extraction"),
+                         tmp_path)
+    recover = result.report["stages"][2]
+    assert recover["metrics"]["gradual_final_sparsity"] == 0.6 and recover["metrics"]["mask_violations"] == 0
+    student = result.stages[2].artifact
+    covered = [p for n, p in student.module.named_parameters() if n in student.masks]
+    zeros, total = sum(int((p == 0).sum()) for p in covered), sum(p.numel() for p in covered)
+    assert zeros == round(0.6 * total)  # exactly the target, to the nearest weight
+
+
+def test_cubic_schedule_without_distill_fails_the_run(tmp_path):
+    snippet = ('[model]\nsource = "python"\nfactory = "optitool.testing:tiny_mlp"\n[model.inputs]\nx = ["batch", 16]\n'
+               '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\nschedule = "cubic"\n')
+    with pytest.raises(RunError, match="no distill pass followed it"):
+        run_snippet(snippet, tmp_path)
+
+
+def test_labels_the_head_cannot_take_are_a_config_error(tmp_path, optitool_tiny_bert, optitool_text_folder):
+    from optitool.errors import ConfigError
+
+    snippet = bert_snippet(optitool_tiny_bert, optitool_text_folder, "").replace("num_labels = 3", "num_labels = 2")
+    with pytest.raises(ConfigError, match="the data has 3 labels .* head has 2 outputs"):
+        run_snippet(snippet, tmp_path)
