@@ -45,10 +45,11 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
         front = set(pareto([(p[0], p[1]) for p in pts]))
         for i, (lat, q, name) in enumerate(pts):
             ax.scatter(lat, q, s=60, color="tab:red" if i in front else "tab:gray", zorder=3)
-            ax.annotate(name, (lat, q), textcoords="offset points", xytext=(6, 4), fontsize=9)
+            ax.annotate(f"{name} ({latency[name][2].split(' ')[0]})", (lat, q), textcoords="offset points",
+                        xytext=(6, 4), fontsize=9)
         fp = sorted((pts[i][0], pts[i][1]) for i in front)
         ax.plot([p[0] for p in fp], [p[1] for p in fp], "--", color="tab:red", label="Pareto front")
-        ax.set_xlabel("median latency (ms), " + next(iter(latency.values()))[2])
+        ax.set_xlabel(f"median latency (ms), batch shape {next(iter(latency.values()))[2].split(' ')[1]}")
         ax.set_ylabel(label)
         ax.set_title(f"{report.get('name', '')}: latency vs {label.split(' ')[0]}")
         ax.grid(alpha=0.3)
@@ -64,11 +65,12 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
         a1.bar(names, [s["metrics"].get("size_bytes", 0) / 1e6 for s in stages], color="tab:blue")
         a1.set_ylabel("size (MB)")
         a1.set_title("size per stage")
-        lat = [latency.get(n, (0, 0, ""))[0] for n in names]
-        err = [latency.get(n, (0, 0, ""))[1] for n in names]
-        a2.bar(names, lat, yerr=err, capsize=4, color="tab:orange")
-        a2.set_ylabel("median latency (ms)")
-        a2.set_title("latency per stage" + (f" ({next(iter(latency.values()))[2]})" if latency else ""))
+        measured = [n for n in names if n in latency]  # a stage no runtime measured gets no bar
+        a2.bar([f"{n}\n{latency[n][2].split(' ')[0]}" for n in measured], [latency[n][0] for n in measured],
+               yerr=[latency[n][1] for n in measured], capsize=4, color="tab:orange")
+        a2.set_ylabel("median latency (ms) ± std")
+        a2.set_title("latency per stage" + (f", shape {next(iter(latency.values()))[2].split(' ')[1]}"
+                                            if latency else ": not measured"))
         for ax in (a1, a2):
             ax.tick_params(axis="x", rotation=30)
         fig.tight_layout()
