@@ -3,7 +3,8 @@
 A latency regression is reported only when BOTH hold: the slowdown (median new / median base) is above
 the threshold, and its 95 % percentile-bootstrap interval (both samples resampled) lies entirely above 1,
 so the difference is larger than the noise the two samples show. Quality metrics regress when they drop
-by more than `max_metric_drop` (absolute).
+by more than `max_metric_drop` (absolute); artifact size and peak memory (one measurement each, so no
+interval) when they grow by more than the threshold.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ def compare_reports(base: dict[str, Any], new: dict[str, Any], *, max_regression
                          "base": ref["median_ms"], "new": b["median_ms"], "change": change,
                          "interval": [slow.low - 1, slow.high - 1],
                          "verdict": "regression" if regressed else "improvement" if improved else "unchanged"})
+            old_mem, new_mem = _peak(ref), _peak(b)
+            if old_mem and new_mem:  # one measurement each, in a fresh process: no spread to test against
+                grew = new_mem / old_mem - 1
+                rows.append({"stage": stage["name"], "what": f"peak memory MB {b['runtime']} {b['shape']}",
+                             "base": old_mem, "new": new_mem, "change": grew,
+                             "verdict": "regression" if grew > max_regression else "unchanged"})
+        old_size, new_size = old.get("metrics", {}).get("size_bytes"), stage.get("metrics", {}).get("size_bytes")
+        if old_size and new_size:
+            grew = new_size / old_size - 1
+            rows.append({"stage": stage["name"], "what": "size MB", "base": old_size / 1e6, "new": new_size / 1e6,
+                         "change": grew, "verdict": "regression" if grew > max_regression else "unchanged"})
         for key in QUALITY:
             a, b2 = old.get("metrics", {}).get(key), stage.get("metrics", {}).get(key)
             if a is None or b2 is None:
@@ -48,6 +60,11 @@ def compare_reports(base: dict[str, Any], new: dict[str, Any], *, max_regression
                          "verdict": "regression" if drop > max_metric_drop else "unchanged"})
     return {"regressions": sum(r["verdict"] == "regression" for r in rows), "rows": rows,
             "max_regression": max_regression, "max_metric_drop": max_metric_drop}
+
+
+def _peak(bench: dict[str, Any]) -> float | None:
+    memory = bench.get("memory") or {}
+    return memory.get("peak_gpu_mb") or memory.get("peak_rss_mb")
 
 
 def _cells(row: dict[str, Any]) -> list[str]:

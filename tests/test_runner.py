@@ -129,3 +129,17 @@ def test_benchmark_fills_stats_and_speedups(tmp_path):
     assert {"median_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "throughput_per_s"} <= set(onnx)
     assert onnx["speedup_vs_baseline"]["stage"] == "baseline"
     assert (tmp_path / "run" / "plots" / "size_latency.png").is_file()
+
+
+def test_an_onnx_model_file_runs_through_onnx_passes(tmp_path):
+    import torch
+
+    from optitool.testing import tiny_mlp
+
+    torch.onnx.export(tiny_mlp(hidden=128).eval(), (torch.randn(2, 16),), str(tmp_path / "m.onnx"), input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    snippet = ('[model]\nsource = "onnx"\npath = "m.onnx"\n[model.inputs]\nx = ["batch", 16]\n'
+               '[[passes]]\npass = "int8_quantize"\n')
+    report = run_snippet(snippet, tmp_path).report
+    assert report["stages"][0]["origin"]["path"] == str((tmp_path / "m.onnx").resolve())
+    assert report["stages"][1]["kind"] == "onnx" and report["stages"][1]["metrics"]["fidelity"] > 0.98

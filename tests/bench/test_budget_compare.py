@@ -77,3 +77,11 @@ def test_compare_cli_exit_codes_and_markdown(tmp_path):
     assert bad.exit_code == 1 and "regression" in bad.output
     missing = CliRunner().invoke(cli, ["compare", str(base), str(tmp_path / "nope.json")])
     assert missing.exit_code == 2
+
+
+def test_size_and_memory_growth_beyond_the_threshold_are_regressions():
+    bigger = report(100)
+    bigger["stages"][1]["metrics"]["size_bytes"] = 30e6
+    bigger["stages"][1]["benchmarks"][0]["memory"] = {"peak_rss_mb": 1200.0}
+    rows = {r["what"]: r["verdict"] for r in compare_reports(report(100), bigger)["rows"] if r["stage"] == "int8"}
+    assert rows["size MB"] == "regression" and rows["peak memory MB onnxruntime 8x128"] == "regression"
