@@ -6,7 +6,6 @@ This module must stay importable without torch: `optitool passes` lists passes a
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,13 +115,6 @@ class PassContext:
 
     def progress(self, total: int | None, desc: str = "") -> Progress:
         return Progress(total, desc or self.pass_name, quiet=self.quiet)
-
-    def fail(self, message: str) -> PassError:
-        """Build the error a pass raises to stop the run with a clear message: `raise ctx.fail("...")`."""
-        return PassError(message)
-
-    def rng(self) -> random.Random:
-        return random.Random(self.seed)
 
     def hand_on(self, key: str, value: Any, *, unless_taken: str) -> None:
         """Leave `value` for a later pass to `take(key)`; the run fails with `unless_taken` if none does

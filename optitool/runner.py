@@ -171,6 +171,8 @@ class Runner:
         root = logging.getLogger("optitool")
         root.setLevel(logging.INFO)
         root.addHandler(handler)
+        root.propagate = False  # the log file gets everything; the terminal only what the CLI prints
+        # (libraries such as onnxruntime's quantizer call logging.basicConfig, which would echo it all)
         self._handler = handler
 
     # ------------------------------------------------------------------------------------------ the run
@@ -213,6 +215,7 @@ class Runner:
         finally:
             self._write_report()
             logging.getLogger("optitool").removeHandler(self._handler)
+            logging.getLogger("optitool").propagate = True
             self._handler.close()
 
     def _run_stages(self, baseline: ModelArtifact, inputs: Any, device: str) -> None:

@@ -224,6 +224,25 @@ class StageLoader(Loader):
         return load_stage(resolve_path(spec.path, base_dir, where="[model].path"), LOADERS)
 
 
+@contextmanager
+def _quiet_transformers():
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_stage(folder: Path, loaders: dict[str, Loader]) -> ModelArtifact:
     from optitool.config import ModelSpec
 
@@ -239,7 +258,8 @@ def load_stage(folder: Path, loaders: dict[str, Loader]) -> ModelArtifact:
     if not meta.get("reloadable", True):
         raise ConfigError(f"stage {folder} was saved for the record only ({meta.get('why', 'not reloadable')})")
     origin = ModelSpec.model_validate(meta["origin"])
-    base = loaders[origin.source].load(origin.model_copy(update={"checkpoint": None}), Path("/"))
+    with _quiet_transformers():  # the saved weights replace what it would warn about (e.g. a new head)
+        base = loaders[origin.source].load(origin.model_copy(update={"checkpoint": None}), Path("/"))
     state = load_state_dict(folder / "model.safetensors")
     fit_to_state_dict(base.module, state)
     apply_overrides(base.module, meta.get("overrides", {}))

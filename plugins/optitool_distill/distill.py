@@ -38,7 +38,7 @@ class DistillConfig(PassConfig):
         "auto", description="auto: KL on logits, cosine on embeddings")
     hidden_weight: float = Field(0.0, ge=0, description="weight of hidden-state matching (same widths only)")
     mixed_precision: bool = Field(True, description="bf16 autocast on CUDA")
-    keep_best: bool = Field(True, description="keep the epoch with the best eval score")
+    keep_best: bool = Field(True, description="keep the best of the starting student and each epoch (eval score)")
 
 
 def _shallow_copy(teacher: TorchModel, layers: int) -> tuple[Any, list[int]]:
@@ -137,6 +137,10 @@ class Distill(Pass):
             masks = _combine(masks, pruner.update(student.module, 0, total))
         torch.manual_seed(ctx.seed)
         step, losses, history, best = 0, [], [], (-math.inf, None, 0)
+        if cfg.keep_best and pruner is None:  # training must beat the student it started from to replace it
+            score, metric = self._evaluate(teacher.module, student.module, ctx)
+            history.append({"epoch": 0, "step": 0, metric: round(score, 6)})
+            best = (score, {k: v.detach().clone() for k, v in student.module.state_dict().items()}, 0)
         start = time.perf_counter()
         with ctx.progress(total, "distill") as bar:
             for epoch in range(cfg.epochs):
