@@ -3,7 +3,10 @@ torch models through torchao where it is installed (GPU targets) and torch's dyn
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,9 +140,26 @@ def _torch_bytes(module: Any) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+@contextmanager
+def _working_folder(folder: Path) -> Iterator[None]:
+    """onnxruntime's symbolic shape inference writes temporary files (a copy of the whole model) into the
+    current folder and leaves them there when it fails; run it inside a folder of our own."""
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def _preprocess(source: Path, target: Path, ctx: PassContext) -> Path:
     """Shape inference and clean-up; skipped (with a note) where onnxruntime's tools cannot handle the graph,
     e.g. symbolic shape inference on some dynamo graphs or on transformer-fused ops."""
+    with _working_folder(target.parent):
+        return _preprocess_here(source.resolve(), target.resolve(), ctx)
+
+
+def _preprocess_here(source: Path, target: Path, ctx: PassContext) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:

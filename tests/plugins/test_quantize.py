@@ -30,12 +30,19 @@ def test_onnx_int8_shrinks_and_stays_close(tmp_path, settings, op):
     assert op in ops
 
 
-def test_fused_transformer_graph_still_quantizes(tmp_path, optitool_tiny_bert):
+def test_fused_transformer_graph_still_quantizes_and_leaves_no_files_behind(tmp_path, optitool_tiny_bert,
+                                                                            monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # onnxruntime's shape inference writes temporary files into the current folder
     snippet = (f'[model]\nsource = "hf"\npath = "{optitool_tiny_bert}"\nmax_length = 16\n'
                '[[passes]]\npass = "onnx_export"\nexporter = "dynamo"\noptimize = "transformer"\n'
                '[[passes]]\npass = "int8_quantize"\n')
     result = run_snippet(snippet, tmp_path)
     assert result.report["stages"][2]["metrics"]["size_ratio"] < 0.6
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in (result.run_dir / "02-int8_quantize").iterdir()) == [
+        "model.json", "model.onnx", "stage.json"]
 
 
 def test_torch_dynamic_int8_on_cpu(tmp_path):
