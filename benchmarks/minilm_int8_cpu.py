@@ -25,9 +25,11 @@ from benchmarks.common import (
     timed,
     write_results,
 )
-from optitool.bench.stats import summarize
+from optitool.bench.stats import speedup_interval, summarize
 from optitool.bench.timing import measure_interleaved
 from optitool.models.onnx_files import onnx_size_bytes
+
+OPTIMUM = "optimum avx512_vnni per-channel dynamic"
 
 
 def main() -> None:
@@ -52,7 +54,7 @@ def main() -> None:
         quantizer = ORTQuantizer.from_pretrained(str(plain.parent), file_name="model.onnx")
         quantizer.quantize(save_dir=str(WORK / "optimum"),
                            quantization_config=AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True))
-        models["optimum avx512_vnni per-channel dynamic"] = next((WORK / "optimum").glob("*quantized.onnx"))
+        models[OPTIMUM] = next((WORK / "optimum").glob("*quantized.onnx"))
     except ImportError:
         print("optimum is not installed: its row is left out", file=sys.stderr)
 
@@ -77,15 +79,19 @@ def main() -> None:
     samples = measure_interleaved(calls, batches, warmup=3, min_iterations=args.rounds, max_iterations=args.rounds,
                                   min_seconds=0)
     fp32_size = sizes["onnxruntime fp32"]
+    reference_label = OPTIMUM if OPTIMUM in samples else "onnxruntime fp32"
     rows = []
     for label in calls:
         s, size = summarize(samples[label], 24), sizes[label]
+        ratio = speedup_interval(samples[reference_label], samples[label])
         rows.append([label, f"{s['median_ms']:.1f}", f"{s['p90_ms']:.1f}", f"{s['std_ms']:.1f}",
+                     f"{ratio.ratio:.3f}x [{ratio.low:.3f}-{ratio.high:.3f}]",
                      "-" if size is None else f"{size / 1e6:.1f}", "-" if size is None else f"{size / fp32_size:.1%}",
                      f"{quality[label]:.4f}"])
     print(write_results("minilm_int8_cpu", "all-MiniLM-L6-v2, 24 x 128 tokens of BBC News, CPU",
                         f"python -m benchmarks.minilm_int8_cpu --rounds {args.rounds}", threads,
-                        ["model", "median ms", "p90 ms", "std ms", "size MB", "size vs fp32 ONNX",
+                        ["model", "median ms", "p90 ms", "std ms", f"speedup vs {reference_label} (95% CI)",
+                         "size MB", "size vs fp32 ONNX",
                          "fidelity (cos vs torch fp32)"], rows))
 
 

@@ -85,3 +85,14 @@ def test_size_and_memory_growth_beyond_the_threshold_are_regressions():
     bigger["stages"][1]["benchmarks"][0]["memory"] = {"peak_rss_mb": 1200.0}
     rows = {r["what"]: r["verdict"] for r in compare_reports(report(100), bigger)["rows"] if r["stage"] == "int8"}
     assert rows["size MB"] == "regression" and rows["peak memory MB onnxruntime 8x128"] == "regression"
+
+
+def test_a_change_within_one_runs_spread_is_not_called_real():
+    def one(center: float) -> dict:
+        samples = [center - 17 + 34 * i / 60 for i in range(61)]  # median = center, std ~ 10 % of it
+        return {"stages": [{"name": "m", "metrics": {}, "benchmarks": [
+            {"runtime": "ort", "shape": "1", "median_ms": center, "samples_ms": samples}]}]}
+
+    drift = compare_reports(one(100), one(108), max_regression=0.05)["rows"][0]
+    assert drift["interval"][0] > 0 and drift["noise_floor"] > 0.09 and drift["verdict"] == "unchanged"
+    assert compare_reports(one(100), one(125), max_regression=0.05)["rows"][0]["verdict"] == "regression"
