@@ -180,7 +180,8 @@ def _explain(error: dict[str, Any]) -> str:
         return f"required key {loc[-1]!r} is missing"
     got = error.get("input")
     shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-    return f"{error['msg'].rstrip('.')}{shown}"
+    message = error["msg"].removeprefix("Value error, ").rstrip(".")
+    return f"{message}{shown}"
 
 
 def format_validation_error(exc: ValidationError, where: str, prefix: tuple[Any, ...] = ()) -> str:
