@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -81,8 +82,6 @@ def _nvml_used_mb() -> float | None:
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
     for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-        import os
-
         if proc.pid == os.getpid() and proc.usedGpuMemory:
             return round(proc.usedGpuMemory / 2**20, 1)
     return None
