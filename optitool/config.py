@@ -66,7 +66,7 @@ class DataSpec(_Section):
     limit: int | None = Field(default=None, ge=1)
     max_length: int | None = Field(default=None, ge=1)
     size: int = Field(default=256, ge=1)
-    splits: dict[Literal["train", "calibration", "eval"], float] = Field(
+    splits: dict[Literal["train", "validation", "calibration", "eval"], float] = Field(
         default_factory=lambda: {"train": 0.6, "calibration": 0.1, "eval": 0.3})
 
     @field_validator("splits")

@@ -16,7 +16,7 @@ from optitool.paths import resolve_path
 if TYPE_CHECKING:
     from optitool.config import DataSpec
 
-SPLITS = ("train", "calibration", "eval")
+SPLITS = ("train", "validation", "calibration", "eval")
 
 
 @dataclass(frozen=True)

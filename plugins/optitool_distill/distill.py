@@ -184,7 +184,8 @@ class Distill(Pass):
         ctx.metrics.update(distill_steps=step, distill_seconds=round(time.perf_counter() - start, 2),
                            distill_loss_first=round(losses[0], 5) if losses else None,
                            distill_loss_last=round(sum(losses[-10:]) / max(1, len(losses[-10:])), 5) if losses else None,
-                           distill_history=history, distill_best_epoch=best[2], mask_violations=violations)
+                           distill_history=history, distill_best_epoch=best[2], mask_violations=violations,
+                           distill_selected_on=self._selection_split(ctx))
         student.masks = {k: v.cpu() for k, v in masks.items()}
         return student
 
@@ -243,11 +244,17 @@ class Distill(Pass):
                 loss = loss + cfg.hidden_weight * sum(F.mse_loss(s.float(), t.float()) for s, t in pairs) / len(pairs)
         return loss
 
+    @staticmethod
+    def _selection_split(ctx: PassContext) -> str:
+        """Epochs are compared on the validation split; without one, on eval (which also reports the
+        final accuracy, so the choice is then mildly optimistic), and on train as a last resort."""
+        return next(s for s in ("validation", "eval", "train") if s == "train" or ctx.inputs.has_split(s))
+
     def _evaluate(self, teacher: Any, student: Any, ctx: PassContext) -> tuple[float, str]:
-        """Accuracy on the eval split when there are labels and logits, else cosine to the teacher."""
+        """Accuracy on the selection split when there are labels and logits, else cosine to the teacher."""
         import torch
 
-        split = "eval" if ctx.inputs.has_split("eval") else "train"
+        split = self._selection_split(ctx)
         student.eval()
         correct = total = 0
         cosines = []

@@ -19,7 +19,7 @@ max_length = 16
 [data]
 source = "folder"
 path = "{texts}"
-splits = {{ train = 0.7, eval = 0.3 }}
+splits = {{ train = 0.6, validation = 0.1, eval = 0.3 }}
 {passes}
 """
 
@@ -53,6 +53,7 @@ batch_size = 8
     tuned = stages["finetune"]
     assert tuned["distill_loss_last"] < tuned["distill_loss_first"]
     assert tuned["accuracy"] > 0.6  # three topics with disjoint vocabularies are learnable
+    assert tuned["distill_selected_on"] == "validation"
     recover = stages["recover"]
     assert recover["mask_violations"] == 0
     assert recover["nonzero_parameters"] <= stages["magnitude_prune"]["nonzero_parameters"]
