@@ -12,10 +12,11 @@ hookimpl = pluggy.HookimplMarker("optitool")
 
 @hookimpl
 def optitool_register_loaders(registry: Any) -> None:
-    from optitool.models.loaders import LOADERS
+    from optitool.models.loaders import LOADERS, StageLoader
 
     for loader in LOADERS.values():
-        registry.add_loader(loader)
+        # A saved stage is rebuilt by the loader it came from, which may be another plugin's.
+        registry.add_loader(StageLoader(registry.loaders) if isinstance(loader, StageLoader) else loader)
 
 
 @hookimpl

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,9 @@ class Registry:
     loaders: dict[str, Registered] = field(default_factory=dict)
     runtimes: dict[str, Registered] = field(default_factory=dict)
     metrics: dict[str, Registered] = field(default_factory=dict)
+
+    def loader_view(self) -> LoaderView:
+        return LoaderView(self)
 
     def bound(self, plugin: str) -> PluginRegistry:
         return PluginRegistry(self, plugin)
@@ -55,6 +58,22 @@ def _check_pass_class(cls: Any) -> None:
         raise PluginError(f"pass {name!r} does not implement run(self, model, ctx)")
 
 
+class LoaderView(Mapping):
+    """The registry's loaders by name, live: loaders registered later are seen too."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def __getitem__(self, name: str) -> Any:
+        return self._registry.loaders[name].obj
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._registry.loaders)
+
+    def __len__(self) -> int:
+        return len(self._registry.loaders)
+
+
 class PluginRegistry:
     """The registry as one plugin sees it: every addition is recorded under that plugin's name."""
 
@@ -72,6 +91,11 @@ class PluginRegistry:
     def add(self, pass_class: type[Pass]) -> None:
         _check_pass_class(pass_class)
         self._put(self._registry.passes, "pass", pass_class.name, pass_class)
+
+    @property
+    def loaders(self) -> LoaderView:
+        """Every loader registered in this run (a loader that rebuilds saved stages needs the others)."""
+        return self._registry.loader_view()
 
     def add_loader(self, loader: Any) -> None:
         """A loader has `name`, `kind`, `load(spec, base_dir)` and optionally `validate(spec, base_dir, where)`."""

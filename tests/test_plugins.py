@@ -121,3 +121,35 @@ def test_every_hook_is_documented_with_its_signature():
         if name.startswith("optitool_"):
             params = ", ".join(inspect.signature(fn).parameters)
             assert re.search(rf"{name}\({re.escape(params)}\)", doc), f"docs/plugins.md lacks {name}({params})"
+
+
+def test_a_stage_made_by_a_plugin_loader_reloads_through_that_plugin(tmp_path):
+    import json
+
+    from optitool.models.base import Loader
+
+    class Zoo(Loader):
+        name, needs = "acme.zoo", ()
+
+        def load(self, spec, base_dir):
+            from optitool.testing import tiny_mlp
+
+            return optitool.TorchModel(tiny_mlp(), origin=spec.model_dump(exclude_none=True), input_names=["x"])
+
+    module = plugin_module("zoo_plugin", optitool_register_loaders=optitool.hookimpl(
+        lambda registry: registry.add_loader(Zoo())))
+    loaded = get_plugin_manager(autoload=False, modules=(module,))
+    from optitool.config import parse_pipeline_text
+    from optitool.runner import Runner
+
+    text = '[model]\nsource = "acme.zoo"\n[model.inputs]\nx = ["batch", 16]\n[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n'
+    spec = parse_pipeline_text(text, loaded.registry, base_dir=tmp_path)
+    Runner(spec, loaded, tmp_path / "run", quiet=True, benchmark=False).run()
+    stage = tmp_path / "run" / "01-magnitude_prune"
+    assert json.loads((stage / "model.json").read_text())["origin"]["source"] == "acme.zoo"
+    stage_loader = loaded.registry.loaders["stage"].obj
+    again = stage_loader.load(spec.model.model_copy(update={"source": "stage", "path": str(stage)}), tmp_path)
+    assert float((again.module[0].weight == 0).float().mean()) > 0.2  # the pruned weights, not a fresh model
+    without = get_plugin_manager(autoload=False).registry.loaders["stage"].obj
+    with pytest.raises(optitool.ConfigError, match="'acme.zoo', a loader no plugin registers"):
+        without.load(spec.model.model_copy(update={"source": "stage", "path": str(stage)}), tmp_path)

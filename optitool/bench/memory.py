@@ -37,17 +37,17 @@ def measure_in_subprocess(job: dict[str, Any], inputs: dict[str, Any], timeout: 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _load(job: dict[str, Any]) -> Any:
+def _load(job: dict[str, Any], loaders: Any) -> Any:
     from optitool.artifacts import OnnxModel
     from optitool.config import ModelSpec
-    from optitool.models.loaders import LOADERS, load_stage
+    from optitool.models.loaders import load_stage
 
     if job["artifact"] == "onnx":
         return OnnxModel(Path(job["path"]))
     if job["artifact"] == "stage":
-        return load_stage(Path(job["path"]), LOADERS)
+        return load_stage(Path(job["path"]), loaders)
     spec = ModelSpec.model_validate(job["origin"])
-    return LOADERS[spec.source].load(spec, Path("/"))
+    return loaders[spec.source].load(spec, Path("/"))
 
 
 def probe(job: dict[str, Any]) -> dict[str, Any]:
@@ -55,13 +55,14 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
 
     from optitool.plugins import get_plugin_manager
 
-    runtime = get_plugin_manager(autoload=False).registry.runtimes[job["runtime"]].obj()
+    registry = get_plugin_manager().registry  # the same plugins as the run (blocked ones by the environment)
+    runtime = registry.runtimes[job["runtime"]].obj()
     inputs = torch.load(job["inputs"], weights_only=True)
     before = _rss_mb()
     cuda = job["device"] == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    artifact = _load(job)
+    artifact = _load(job, registry.loader_view())
     run = runtime.prepare(artifact, job["device"], job.get("threads", 0))
     for _ in range(job.get("iterations", 3)):
         run(inputs)

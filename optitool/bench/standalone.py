@@ -30,7 +30,7 @@ def _guess_source(path: Path) -> str:
 
 
 def _targets(plugins: Any, path: Path, source: str) -> tuple[list[BenchTarget], Any]:
-    loaders = {name: r.obj for name, r in plugins.registry.loaders.items()}
+    loaders = plugins.registry.loader_view()
     tokenizer = None
     if source == "run":
         report = json.loads((path / "report.json").read_text())

@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,6 +213,9 @@ class StageLoader(Loader):
 
     name = "stage"
 
+    def __init__(self, loaders: Mapping[str, Loader] | None = None) -> None:
+        self._loaders = loaders
+
     def validate(self, spec: ModelSpec, base_dir: Path, where: str) -> None:
         super().validate(spec, base_dir, where)
         folder = resolve_path(spec.path, base_dir, where=where)
@@ -221,7 +224,7 @@ class StageLoader(Loader):
                               "(it has neither model.json nor model.onnx)")
 
     def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
-        return load_stage(resolve_path(spec.path, base_dir, where="[model].path"), LOADERS)
+        return load_stage(resolve_path(spec.path, base_dir, where="[model].path"), self._loaders or LOADERS)
 
 
 @contextmanager
@@ -243,7 +246,7 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_stage(folder: Path, loaders: dict[str, Loader]) -> ModelArtifact:
+def load_stage(folder: Path, loaders: Mapping[str, Loader]) -> ModelArtifact:
     from optitool.config import ModelSpec
 
     if (folder / "model.onnx").is_file():
@@ -258,6 +261,9 @@ def load_stage(folder: Path, loaders: dict[str, Loader]) -> ModelArtifact:
     if not meta.get("reloadable", True):
         raise ConfigError(f"stage {folder} was saved for the record only ({meta.get('why', 'not reloadable')})")
     origin = ModelSpec.model_validate(meta["origin"])
+    if origin.source not in loaders:
+        raise ConfigError(f"stage {folder} was made from a model loaded by {origin.source!r}, a loader no plugin "
+                          "registers now; install or unblock the plugin that provides it")
     with _quiet_transformers():  # the saved weights replace what it would warn about (e.g. a new head)
         base = loaders[origin.source].load(origin.model_copy(update={"checkpoint": None}), Path("/"))
     state = load_state_dict(folder / "model.safetensors")
