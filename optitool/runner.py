@@ -126,7 +126,7 @@ class RunResult:
 
 
 def prepare_run_dir(spec: PipelineSpec, output: str | None, overwrite: bool) -> Path:
-    run_dir = Path(output) if output else Path(spec.output.dir.format(name=spec.name))
+    run_dir = (Path(output) if output else Path(spec.output.dir.format(name=spec.name))).absolute()
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise ConfigError(f"the run folder {run_dir} already exists; pass --overwrite to replace it or "
                           "--output to choose another")

@@ -101,3 +101,13 @@ def test_device_cuda_without_gpu_is_a_usage_error(mlp_pipeline, tmp_path):
         pytest.skip("this machine has a GPU")
     result = CliRunner().invoke(cli, ["run", str(mlp_pipeline), "-o", str(tmp_path / "r"), "--device", "cuda"])
     assert result.exit_code == 2 and "no CUDA GPU" in result.output
+
+
+def test_relative_output_folder_with_onnx_passes(write, mlp_module, tmp_path, monkeypatch):
+    pipeline = write("p.toml", MLP_PIPELINE + '[[passes]]\npass = "onnx_export"\n[[passes]]\npass = "int8_quantize"\n')
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "-o", "relative-run", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "relative-run" / "report.json").read_text())
+    assert [s["kind"] for s in report["stages"]] == ["torch", "onnx", "onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".data", ".onnx")) == []

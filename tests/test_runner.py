@@ -117,7 +117,7 @@ def test_existing_run_folder_is_refused(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="--overwrite"):
         prepare_run_dir(spec, str(tmp_path / "out"), overwrite=False)
-    assert prepare_run_dir(spec, str(tmp_path / "out"), overwrite=True) == tmp_path / "out"
+    assert prepare_run_dir(spec, str(tmp_path / "out"), overwrite=True) == (tmp_path / "out").absolute()
 
 
 def test_benchmark_fills_stats_and_speedups(tmp_path):

@@ -33,7 +33,7 @@ def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for stage in report.get("stages", []):
         m = stage.get("metrics", {})
         row = [stage["name"], stage.get("pass") or "-", stage["kind"], _fmt(m.get("size_bytes", 0) / 1e6, 4),
-               _fmt(m.get("parameters")), _fmt(m.get("sparsity"), 3), _fmt(m.get("accuracy")),
+               "-" if m.get("parameters") is None else f"{m['parameters'] / 1e6:.2f} M", _fmt(m.get("sparsity"), 3), _fmt(m.get("accuracy")),
                _fmt(m.get("fidelity"))]
         by_key = {(b["runtime"], b["shape"]): b for b in stage.get("benchmarks", [])}
         peaks = []

@@ -155,8 +155,9 @@ def _working_folder(folder: Path) -> Iterator[None]:
 def _preprocess(source: Path, target: Path, ctx: PassContext) -> Path:
     """Shape inference and clean-up; skipped (with a note) where onnxruntime's tools cannot handle the graph,
     e.g. symbolic shape inference on some dynamo graphs or on transformer-fused ops."""
+    source, target = source.resolve(), target.resolve()  # before the working folder changes
     with _working_folder(target.parent):
-        return _preprocess_here(source.resolve(), target.resolve(), ctx)
+        return _preprocess_here(source, target, ctx)
 
 
 def _preprocess_here(source: Path, target: Path, ctx: PassContext) -> Path:
