@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from optitool.bench.memory import peak_mb
 from optitool.config import BudgetSpec
 
 
@@ -70,9 +71,7 @@ def check_budget(report: dict[str, Any], budget: BudgetSpec) -> dict[str, Any]:
             checks.append(_check(label, limit, worst, worst is not None and worst <= limit, " ms",
                                  f" (median, {max(found, key=found.get)})" if found else ""))
     if budget.max_peak_memory_mb is not None:
-        peaks = [b["memory"].get("peak_gpu_mb") or b["memory"].get("peak_rss_mb")
-                 for b in stage.get("benchmarks", []) if isinstance(b.get("memory"), dict) and "error" not in b["memory"]]
-        peaks = [p for p in peaks if p is not None]
+        peaks = [p for p in map(peak_mb, stage.get("benchmarks", [])) if p is not None]
         peak = max(peaks) if peaks else None
         checks.append(_check("max_peak_memory_mb", budget.max_peak_memory_mb, peak,
                              peak is not None and peak <= budget.max_peak_memory_mb, " MB", " (inference peak)"))

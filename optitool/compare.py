@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from optitool.bench.memory import peak_mb
 from optitool.bench.stats import speedup_interval
 from optitool.report.table import markdown_table
 
@@ -49,7 +50,7 @@ def compare_reports(base: dict[str, Any], new: dict[str, Any], *, max_regression
                          "base": ref["median_ms"], "new": b["median_ms"], "change": change, "noise_floor": floor,
                          "interval": [slow.low - 1, slow.high - 1],
                          "verdict": "regression" if regressed else "improvement" if improved else "unchanged"})
-            old_mem, new_mem = _peak(ref), _peak(b)
+            old_mem, new_mem = peak_mb(ref), peak_mb(b)
             if old_mem and new_mem:  # one measurement each, in a fresh process: no spread to test against
                 grew = new_mem / old_mem - 1
                 rows.append({"stage": stage["name"], "what": f"peak memory MB {b['runtime']} {b['shape']}",
@@ -73,11 +74,6 @@ def compare_reports(base: dict[str, Any], new: dict[str, Any], *, max_regression
 
 def _relative_spread(samples: list[float]) -> float:
     return statistics.stdev(samples) / statistics.median(samples) if len(samples) > 1 else 0.0
-
-
-def _peak(bench: dict[str, Any]) -> float | None:
-    memory = bench.get("memory") or {}
-    return memory.get("peak_gpu_mb") or memory.get("peak_rss_mb")
 
 
 def _cells(row: dict[str, Any]) -> list[str]:

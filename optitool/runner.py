@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import resource
 import shutil
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 from optitool import atomic
 from optitool.artifacts import ModelArtifact, OnnxModel
+from optitool.bench.memory import rss_mb
 from optitool.config import PipelineSpec
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
 from optitool.passes import PassContext
@@ -54,19 +54,14 @@ class PeakMemory:
         self.device, self.peak_rss = device, 0.0
         self._stop = threading.Event()
 
-    @staticmethod
-    def rss_mb() -> float:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
-
     def _sample(self) -> None:
         while not self._stop.wait(0.02):
-            self.peak_rss = max(self.peak_rss, self.rss_mb())
+            self.peak_rss = max(self.peak_rss, rss_mb())
 
     def __enter__(self) -> PeakMemory:
         import torch
 
-        self.peak_rss = self.rss_mb()
+        self.peak_rss = rss_mb()
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -76,7 +71,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_rss = max(self.peak_rss, self.rss_mb())
+        self.peak_rss = max(self.peak_rss, rss_mb())
 
     def as_metrics(self) -> dict[str, float]:
         import torch

@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Any
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux)."""
     with open("/proc/self/statm") as handle:
         pages = int(handle.read().split()[1])
     return pages * resource.getpagesize() / 2**20
+
+
+def peak_mb(bench_entry: dict[str, Any]) -> float | None:
+    """The peak memory of one benchmark entry: GPU memory when it ran on a GPU, resident memory otherwise."""
+    memory = bench_entry.get("memory")
+    if not isinstance(memory, dict) or "error" in memory:
+        return None
+    return memory.get("peak_gpu_mb") or memory.get("peak_rss_mb")
 
 
 def measure_in_subprocess(job: dict[str, Any], inputs: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
@@ -58,7 +67,7 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     registry = get_plugin_manager().registry  # the same plugins as the run (blocked ones by the environment)
     runtime = registry.runtimes[job["runtime"]].obj()
     inputs = torch.load(job["inputs"], weights_only=True)
-    before = _rss_mb()
+    before = rss_mb()
     cuda = job["device"] == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()

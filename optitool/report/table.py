@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from optitool.bench.memory import peak_mb
+
 
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
@@ -45,9 +47,8 @@ def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             sp = b.get("speedup_vs_baseline")
             sp_text = "-" if not sp else f"{sp['ratio']:.2f}x [{sp['low']:.2f}-{sp['high']:.2f}]"
             row += [f"{b['median_ms']:.2f} ± {b['std_ms']:.2f}", f"{b['p90_ms']:.2f}", sp_text]
-            mem = b.get("memory") or {}
-            if mem.get("peak_gpu_mb") or mem.get("peak_rss_mb"):
-                peaks.append(mem.get("peak_gpu_mb") or mem.get("peak_rss_mb"))
+            if peak_mb(b):
+                peaks.append(peak_mb(b))
         row += [_fmt(max(peaks)) if peaks else "-", "; ".join(stage.get("flags", [])) or "-"]
         rows.append(row)
     return header, rows
