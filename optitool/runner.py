@@ -137,6 +137,7 @@ class Runner:
         self.log = logging.getLogger("optitool.run")
         self.stages: list[Stage] = []
         self.report: dict[str, Any] = {}
+        self._state: dict[str, Any] = {}  # ctx.state, shared by the passes of this run
 
     # ------------------------------------------------------------------------------------------ set-up
     def _load(self) -> tuple[ModelArtifact, Any]:
@@ -177,7 +178,6 @@ class Runner:
         device = resolve_device(self.requested_device)
         seed_everything(self.spec.seed)
         baseline, inputs = self._load()
-        self.device, self.inputs = device, inputs
         self._open_run_dir()
         try:
             self.report = {"schema_version": SCHEMA_VERSION, "status": "running", "name": self.spec.name,
@@ -286,12 +286,6 @@ class Runner:
         self._add_stage(Stage(pass_spec.stage_name, result, record, folder))
         self.plugins.notify("optitool_pass_finished", stage=record, run_dir=self.run_dir)
         return result
-
-    @property
-    def _state(self) -> dict[str, Any]:
-        if not hasattr(self, "_shared_state"):
-            self._shared_state: dict[str, Any] = {}
-        return self._shared_state
 
     def _load_named(self, table: dict[str, Any]) -> ModelArtifact:
         """Load a model a pass's settings name (a student, a teacher) with the pipeline's loaders."""

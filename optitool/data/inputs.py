@@ -15,7 +15,6 @@ from optitool.errors import ConfigError
 if TYPE_CHECKING:
     from optitool.config import InputSpec
 
-_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32", "bool": "bool"}
 
 
 @dataclass
@@ -98,7 +97,7 @@ class InputSource:
         out = {}
         for name, spec in self.input_specs.items():
             shape = [batch_size if d == "batch" else length if d == "sequence" else int(d) for d in spec.shape]
-            dtype = getattr(torch, _DTYPES[spec.dtype])
+            dtype = getattr(torch, spec.dtype)  # InputSpec allows only torch dtype names
             if dtype.is_floating_point:
                 out[name] = (torch.rand(shape, generator=generator) * (spec.high - spec.low) + spec.low).to(dtype)
             elif dtype == torch.bool:

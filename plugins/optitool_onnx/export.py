@@ -27,27 +27,22 @@ class OnnxExportConfig(PassConfig):
     verify_batch_size: int = Field(4, ge=1)
 
 
-class OutputAdapter:
-    """Wraps a module so it takes positional tensors in a fixed order and returns its main output only."""
+def output_adapter(module: Any, input_names: list[str]) -> Any:
+    """The module as exporters want it: positional tensors in a fixed order in, its main output only out.
+    (A function, not a class: torch must not be imported when this plugin is.)"""
+    import torch
 
-    def __new__(cls, module: Any, input_names: list[str]) -> Any:
-        import torch
+    from optitool.execution import call_module, main_output
 
-        from optitool.execution import call_module, main_output
+    class _Adapter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
 
-        class _Adapter(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.inner = module
+        def forward(self, *args: Any) -> Any:
+            return main_output(call_module(self.inner, dict(zip(input_names, args, strict=True))))[1]
 
-            def forward(self, *args: Any) -> Any:
-                return main_output(call_module(self.inner, dict(zip(input_names, args, strict=True))))[1]
-
-        return _Adapter()
-
-
-def _inputs_for(model: TorchModel, ctx: PassContext, batch: int, length: int | None, index: int) -> dict[str, Any]:
-    return ctx.inputs.example(batch, length, index=index)
+    return _Adapter()
 
 
 class OnnxExport(Pass):
@@ -63,7 +58,7 @@ class OnnxExport(Pass):
         if ctx.inputs is None:
             raise PassError("onnx_export needs example inputs: give the model a tokenizer or [model.inputs]")
         path = ctx.stage_dir / "model.onnx"
-        sample = _inputs_for(model, ctx, 2, 16 if ctx.inputs.is_text else None, 0)
+        sample = ctx.inputs.example(2, 16 if ctx.inputs.is_text else None)
         if "attention_mask" in sample:
             # Trace with padding: a model may skip an all-ones mask, and the graph would then ignore masks.
             sample["attention_mask"] = sample["attention_mask"].clone()
@@ -95,7 +90,7 @@ class OnnxExport(Pass):
         import torch
 
         cfg: OnnxExportConfig = self.config
-        adapter = OutputAdapter(module, names).eval()
+        adapter = output_adapter(module, names).eval()
         args = tuple(sample[n] for n in names)
         text_like = all(v.dim() == 2 and not v.is_floating_point() for v in args)
         axes = {0: "batch", 1: "sequence"} if text_like else {0: "batch"}
