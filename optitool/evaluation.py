@@ -6,6 +6,7 @@ from typing import Any
 
 from optitool.artifacts import ModelArtifact
 from optitool.data.inputs import InputSource
+from optitool.errors import ConfigError
 from optitool.execution import Executor
 from optitool.metrics import Evaluation
 from optitool.registry import Registry
@@ -37,11 +38,20 @@ def collect_outputs(artifact: ModelArtifact, batches: list[Any], device: str) ->
     return names.pop() if len(names) == 1 else "output", torch.cat(outs), label_tensor
 
 
+def check_labels(output_name: str, outputs: Any, label_names: list[str]) -> None:
+    """A model whose main output is logits must have one per label the data uses, or accuracy is meaningless."""
+    if label_names and output_name == "logits" and outputs.shape[1] != len(label_names):
+        raise ConfigError(f"the data has {len(label_names)} labels ({', '.join(label_names)}) but the model's "
+                          f"classification head has {outputs.shape[1]} outputs; set [model] num_labels = "
+                          f"{len(label_names)} (a new head is then trained by distill with alpha = 0)")
+
+
 def evaluate(artifact: ModelArtifact, batches: list[Any], reference: Any, registry: Registry, device: str,
              label_names: list[str]) -> tuple[dict[str, float], Any]:
     """Metrics of one stage; returns them and the stage's outputs (the baseline keeps its own as reference)."""
     name, outputs, labels = collect_outputs(artifact, batches, device)
-    if reference is None:
+    if reference is None:  # the baseline: the data's labels must fit its head
+        check_labels(name, outputs, label_names)
         reference = outputs
     if reference.shape != outputs.shape:
         return {"evaluation_error": f"outputs of shape {tuple(outputs.shape)} cannot be compared with the "

@@ -82,18 +82,6 @@ class PeakMemory:
         return out
 
 
-def _check_labels(model: ModelArtifact, label_names: list[str]) -> None:
-    """A classification head must have one output per label the data uses."""
-    config = getattr(getattr(model, "module", None), "config", None)
-    architectures = getattr(config, "architectures", None) or []
-    is_classifier = any("Classification" in a for a in architectures) or \
-        type(getattr(model, "module", None)).__name__.endswith("ForSequenceClassification")
-    if label_names and is_classifier and config.num_labels != len(label_names):
-        raise ConfigError(f"the data has {len(label_names)} labels ({', '.join(label_names)}) but the model's "
-                          f"classification head has {config.num_labels} outputs; set [model] num_labels = "
-                          f"{len(label_names)} (a new head is then trained by distill with alpha = 0)")
-
-
 def _private_copy(model: ModelArtifact) -> ModelArtifact:
     """A pass may change the model it is given in place; earlier stages must not change with it."""
     import copy
@@ -149,7 +137,6 @@ class Runner:
         loader = self.registry.loaders[spec.model.source].obj
         model = loader.load(spec.model, spec.base_dir)
         max_length = (spec.data.max_length if spec.data and spec.data.max_length else spec.model.max_length)
-        _check_labels(model, dataset.label_names)
         tokenizer = getattr(model, "tokenizer", None)
         inputs = InputSource(dataset, tokenizer=tokenizer, input_specs=spec.model.inputs,
                              input_names=getattr(model, "input_names", None), max_length=max_length, seed=spec.seed)
@@ -178,13 +165,14 @@ class Runner:
         device = resolve_device(self.requested_device)
         seed_everything(self.spec.seed)
         baseline, inputs = self._load()
+        baseline_metrics = self._evaluate_baseline(baseline, inputs, device)  # may refuse the data: before any write
         self._open_run_dir()
         try:
             self.report = {"schema_version": SCHEMA_VERSION, "status": "running", "name": self.spec.name,
                            "device": device, "environment": describe(self.spec.benchmark.threads or None),
                            "pipeline": self.spec.resolved(), "stages": []}
             self.plugins.notify("optitool_pipeline_start", spec=self.spec, run_dir=self.run_dir)
-            self._run_stages(baseline, inputs, device)
+            self._run_stages(baseline, baseline_metrics, inputs, device)
             if self.do_benchmark and self.spec.benchmark.enabled:
                 self._benchmark(inputs, device)
             self.report["status"] = "finished"
@@ -213,20 +201,25 @@ class Runner:
             logging.getLogger("optitool").propagate = True
             self._handler.close()
 
-    def _run_stages(self, baseline: ModelArtifact, inputs: Any, device: str) -> None:
+    def _evaluate_baseline(self, baseline: ModelArtifact, inputs: Any, device: str) -> dict[str, Any]:
         from optitool.evaluation import eval_batches, evaluate
-        from optitool.models.store import stage_metrics
 
         self.eval_batches = eval_batches(inputs)
+        metrics, self.reference = evaluate(baseline, self.eval_batches, None, self.registry, device,
+                                           inputs.label_names)
+        return metrics
+
+    def _run_stages(self, baseline: ModelArtifact, baseline_metrics: dict[str, Any], inputs: Any,
+                    device: str) -> None:
+        from optitool.models.store import stage_metrics
+
         origin = getattr(baseline, "origin", None) or self.spec.model.model_dump(exclude_none=True)
         if isinstance(baseline, OnnxModel):
             origin = {**origin, "path": str(baseline.path.resolve())}
         record = {"name": "baseline", "pass": None, "plugin": None, "kind": baseline.kind, "artifact": None,
                   "origin": origin, "metrics": stage_metrics(baseline), "benchmarks": [], "seconds": 0.0,
                   "flags": []}
-        metrics, self.reference = evaluate(baseline, self.eval_batches, None, self.registry, device,
-                                           inputs.label_names)
-        record["metrics"].update(metrics)
+        record["metrics"].update(baseline_metrics)
         folder = self.run_dir / "00-baseline"
         with atomic.staging_dir(folder) as tmp:
             atomic.write_json(tmp / "stage.json", record)

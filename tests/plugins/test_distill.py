@@ -118,3 +118,4 @@ def test_labels_the_head_cannot_take_are_a_config_error(tmp_path, optitool_tiny_
     snippet = bert_snippet(optitool_tiny_bert, optitool_text_folder, "").replace("num_labels = 3", "num_labels = 2")
     with pytest.raises(ConfigError, match="the data has 3 labels .* head has 2 outputs"):
         run_snippet(snippet, tmp_path)
+    assert not (tmp_path / "run").exists()  # a configuration error writes nothing
