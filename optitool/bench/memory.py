@@ -22,6 +22,16 @@ def rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def high_water_mb() -> float:
+    """Peak resident memory of this process image. Not getrusage's ru_maxrss: Linux carries the parent's
+    high-water mark across fork and exec into it, so every probe reported the parent's peak."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return rss_mb()
+
+
 def peak_mb(bench_entry: dict[str, Any]) -> float | None:
     """The peak memory of one benchmark entry: GPU memory when it ran on a GPU, resident memory otherwise."""
     memory = bench_entry.get("memory")
@@ -75,7 +85,7 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     run = runtime.prepare(artifact, job["device"], job.get("threads", 0))
     for _ in range(job.get("iterations", 3)):
         run(inputs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = high_water_mb()
     result = {"peak_rss_mb": round(peak, 1), "model_rss_mb": round(peak - before, 1)}
     if cuda and job["runtime"].startswith("torch"):
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
