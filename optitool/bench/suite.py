@@ -93,6 +93,11 @@ def _match(record: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any] | No
     return (same_runtime or same_shape or [None])[0]
 
 
+def _flag(entry: dict[str, Any], what: str, ratio: dict[str, Any]) -> str:
+    return (f"latency {entry['shape']} on {entry['runtime']}: {what} {ratio['stage']!r} (x{ratio['ratio']:.2f}, "
+            f"95% interval {ratio['low']:.2f}-{ratio['high']:.2f})")
+
+
 def attach_speedups(records: list[dict[str, Any]]) -> None:
     """Speedup of each measurement over the same shape in the parent (previous) stage and the baseline
     (first), with a bootstrap interval; flag a stage that is not significantly faster than its parent."""
@@ -110,9 +115,11 @@ def attach_speedups(records: list[dict[str, Any]]) -> None:
                     continue
                 interval = speedup_interval(ref["samples_ms"], entry["samples_ms"])
                 entry[key] = {**interval.as_dict(), "stage": other["name"], "runtime": ref["runtime"]}
-            parent = entry.get("speedup_vs_parent")
+            parent, base = entry.get("speedup_vs_parent"), entry.get("speedup_vs_baseline")
             if parent and parent["verdict"] != "faster":
                 word = "slower than" if parent["verdict"] == "slower" else "not significantly faster than"
-                record["flags"].append(f"latency {entry['shape']} on {entry['runtime']}: {word} its parent "
-                                       f"{parent['stage']!r} (x{parent['ratio']:.2f}, 95% interval "
-                                       f"{parent['low']:.2f}-{parent['high']:.2f})")
+                record["flags"].append(_flag(entry, f"{word} its parent", parent))
+            if base and base["verdict"] == "slower" and base["stage"] != (parent or {}).get("stage"):
+                # Faster than its parent can still be slower than where the pipeline started
+                # (e.g. int8 ONNX at batch 1 against torch eager): the case users are bitten by.
+                record["flags"].append(_flag(entry, "slower than the baseline", base))
