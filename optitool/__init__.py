@@ -1,7 +1,8 @@
 """optitool: make a model smaller and faster, and prove it.
 
-The names here are the public plugin API; third-party plugins code against exactly these. Importing
-this package must stay cheap (no torch, no onnxruntime) so the CLI starts fast.
+The names here are the public plugin API; third-party plugins (and the built-in ones) code against
+exactly these, and docs/plugins.md documents each. Importing this package must stay cheap (no torch, no
+onnxruntime) so the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -9,25 +10,46 @@ from __future__ import annotations
 import pluggy
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
-from optitool.errors import ConfigError, OptitoolError, PassError
+from optitool.bench.runtimes import Runtime
+from optitool.data.inputs import Batch, InputSource
+from optitool.errors import ConfigError, OptitoolError, PassError, RunError
+from optitool.execution import Executor, call_module, main_output, pooled
+from optitool.metrics import Evaluation
+from optitool.models.base import Loader
+from optitool.models.onnx_files import copy_onnx, save_onnx
 from optitool.passes import Pass, PassConfig, PassContext
-from optitool.plugins import API_VERSION
-
-__version__ = "0.1.0"
+from optitool.registry import PluginRegistry
+from optitool.spec import InputSpec, ModelSpec
+from optitool.version import API_VERSION, __version__
 
 hookimpl = pluggy.HookimplMarker("optitool")
 
 __all__ = [
     "API_VERSION",
+    "Batch",
     "ConfigError",
+    "Evaluation",
+    "Executor",
+    "InputSource",
+    "InputSpec",
+    "Loader",
     "ModelArtifact",
+    "ModelSpec",
     "OnnxModel",
     "OptitoolError",
     "Pass",
     "PassConfig",
     "PassContext",
     "PassError",
+    "PluginRegistry",
+    "RunError",
+    "Runtime",
     "TorchModel",
     "__version__",
+    "call_module",
+    "copy_onnx",
     "hookimpl",
+    "main_output",
+    "pooled",
+    "save_onnx",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from optitool.bench.memory import peak_mb
-from optitool.config import BudgetSpec
+from optitool.spec import BudgetSpec
 
 
 def _stage(report: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -3,15 +3,18 @@ third-party plugins use. It knows no particular pass."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pluggy
+
+if TYPE_CHECKING:
+    from optitool.registry import PluginRegistry
 
 hookimpl = pluggy.HookimplMarker("optitool")
 
 
 @hookimpl
-def optitool_register_loaders(registry: Any) -> None:
+def optitool_register_loaders(registry: PluginRegistry) -> None:
     from optitool.models.loaders import LOADERS, StageLoader
 
     for loader in LOADERS.values():
@@ -20,7 +23,7 @@ def optitool_register_loaders(registry: Any) -> None:
 
 
 @hookimpl
-def optitool_register_runtimes(registry: Any) -> None:
+def optitool_register_runtimes(registry: PluginRegistry) -> None:
     from optitool.bench.runtimes import BUILTIN_RUNTIMES
 
     for runtime in BUILTIN_RUNTIMES:
@@ -28,7 +31,7 @@ def optitool_register_runtimes(registry: Any) -> None:
 
 
 @hookimpl
-def optitool_register_metrics(registry: Any) -> None:
+def optitool_register_metrics(registry: PluginRegistry) -> None:
     from optitool.metrics import BUILTIN_METRICS
 
     for name, fn in BUILTIN_METRICS.items():

@@ -6,13 +6,14 @@ import copy
 import difflib
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from optitool.errors import ConfigError
 from optitool.passes import Pass, PassConfig
 from optitool.registry import Registry
+from optitool.spec import BenchmarkSpec, BudgetSpec, DataSpec, ModelSpec, OutputSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,97 +21,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 RESERVED_PASS_KEYS = ("pass", "name", "enabled")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class InputSpec(_Section):
-    """One model input for models without a tokenizer: shape with "batch" (and "sequence") as named axes."""
-
-    shape: list[int | Literal["batch", "sequence"]]
-    dtype: Literal["float32", "float16", "int64", "int32", "bool"] = "float32"
-    low: float = 0.0
-    high: float = 1.0
-
-
-class ModelSpec(_Section):
-    source: str
-    path: str | None = None
-    name: str | None = None
-    factory: str | None = None
-    checkpoint: str | None = None
-    task: str | None = None
-    num_labels: int | None = Field(default=None, ge=1)
-    max_length: int = Field(default=128, ge=1)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    inputs: dict[str, InputSpec] = Field(default_factory=dict)
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("inputs", mode="before")
-    @classmethod
-    def _shape_lists(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: ({"shape": v} if isinstance(v, list) else v) for k, v in value.items()}
-        return value
-
-
-class DataSpec(_Section):
-    source: Literal["folder", "jsonl", "csv", "parquet", "hf_disk", "python", "synthetic", "samples"] = "samples"
-    path: str | None = None
-    function: str | None = None
-    text_field: str = "text"
-    label_field: str | None = "label"
-    labels: list[str] | None = None
-    limit: int | None = Field(default=None, ge=1)
-    max_length: int | None = Field(default=None, ge=1)
-    size: int = Field(default=256, ge=1)
-    splits: dict[Literal["train", "validation", "calibration", "eval"], float] = Field(
-        default_factory=lambda: {"train": 0.6, "calibration": 0.1, "eval": 0.3})
-
-    @field_validator("splits")
-    @classmethod
-    def _check_splits(cls, splits: dict[str, float]) -> dict[str, float]:
-        fractions = [v for v in splits.values() if 0 < v < 1]
-        if any(v <= 0 for v in splits.values()):
-            raise ValueError("each split is a fraction in (0, 1) or a count >= 1")
-        if any(v >= 1 and v != int(v) for v in splits.values()):
-            raise ValueError("a split of 1 or more is a count and must be a whole number")
-        if sum(fractions) > 1.0 + 1e-9:
-            raise ValueError(f"the split fractions add up to {sum(fractions):.3g}, more than 1")
-        return splits
-
-
-class BenchmarkSpec(_Section):
-    enabled: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    runtimes: list[str] = Field(default_factory=lambda: ["torch_eager", "onnxruntime"])
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
-    sequence_lengths: list[int] = Field(default_factory=lambda: [128])
-    warmup: int = Field(default=3, ge=0)
-    min_iterations: int = Field(default=10, ge=3)
-    max_iterations: int = Field(default=200, ge=3)
-    min_seconds: float = Field(default=1.0, ge=0)
-    threads: int = Field(default=0, ge=0)
-    memory: bool = True
-    stages: list[str] | Literal["all"] = "all"
-
-
-class BudgetSpec(_Section):
-    max_accuracy_drop: float | None = Field(default=None, ge=0)
-    min_fidelity: float | None = None
-    min_speedup: float | None = Field(default=None, gt=0)
-    max_latency_ms: float | dict[str, float] | None = None
-    max_size_mb: float | None = Field(default=None, gt=0)
-    max_peak_memory_mb: float | None = Field(default=None, gt=0)
-    stage: str = "final"
-
-
-class OutputSpec(_Section):
-    dir: str = "runs/{name}"
-    plots: bool = True
-    keep_artifacts: bool = True
 
 
 class PassSpec(BaseModel):
@@ -329,7 +239,7 @@ def _build_passes(entries: Any, registry: Registry, where: str, overrides: tuple
         if not isinstance(entry, dict):
             raise ConfigError(f"{here} must be a table")
         if "pass" not in entry:
-            raise ConfigError(f'{here} has no `pass` key naming the pass to run (e.g. pass = "onnx_export")')
+            raise ConfigError(f"{here} has no `pass` key naming the pass to run (`optitool passes` lists them)")
         pass_name = entry["pass"]
         if pass_name not in registry.passes:
             known = sorted(registry.passes)
@@ -359,6 +269,14 @@ def _build_passes(entries: Any, registry: Registry, where: str, overrides: tuple
     return specs
 
 
+def _converters(registry: Registry, have: str, need: tuple[str, ...]) -> str:
+    """Passes some plugin provides that turn a `have` model into one of `need`, for the error message."""
+    found = sorted(name for name, reg in registry.passes.items()
+                   if have in reg.obj.accepted_kinds() and reg.obj.gives in need)
+    return f" ({', '.join(found)} turn{'s' if len(found) == 1 else ''} a {have} model into {' or '.join(need)})" \
+        if found else ""
+
+
 def _check_kinds(passes: list[PassSpec], registry: Registry, kind: str, where: str) -> None:
     previous = "the model loader"
     for spec in passes:
@@ -369,8 +287,8 @@ def _check_kinds(passes: list[PassSpec], registry: Registry, kind: str, where: s
         if kind not in accepted:
             raise ConfigError(
                 f"{where}: passes[{spec.index}] (pass {spec.pass_name!r}) takes {' or '.join(accepted)} models, "
-                f"but {previous} gives {'an' if kind[0] in 'aeiou' else 'a'} {kind} model; reorder the passes or convert the model first "
-                "(onnx_export turns a torch model into ONNX)")
+                f"but {previous} gives {'an' if kind[0] in 'aeiou' else 'a'} {kind} model; reorder the passes or "
+                f"convert the model first{_converters(registry, kind, accepted)}")
         instance.check(kind)
         spec.input_kind, spec.output_kind = kind, instance.output_kind(kind)
         kind = spec.output_kind

@@ -43,7 +43,7 @@ def check_labels(output_name: str, outputs: Any, label_names: list[str]) -> None
     if label_names and output_name == "logits" and outputs.shape[1] != len(label_names):
         raise ConfigError(f"the data has {len(label_names)} labels ({', '.join(label_names)}) but the model's "
                           f"classification head has {outputs.shape[1]} outputs; set [model] num_labels = "
-                          f"{len(label_names)} (a new head is then trained by distill with alpha = 0)")
+                          f"{len(label_names)} (a new head starts untrained: fine-tune it before its accuracy means anything)")
 
 
 def evaluate(artifact: ModelArtifact, batches: list[Any], reference: Any, registry: Registry, device: str,

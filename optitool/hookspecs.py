@@ -2,6 +2,7 @@
 
 Registration hooks receive a registry bound to the calling plugin, so a name clash can name both plugins.
 Lifecycle hooks are notifications (for experiment trackers and the like); their return values are ignored.
+An implementation may take fewer arguments than the specification names, as with any pluggy hook.
 """
 
 from __future__ import annotations
@@ -12,33 +13,34 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from optitool.registry import Registry
+    from optitool.config import PipelineSpec
+    from optitool.registry import PluginRegistry
 
 hookspec = pluggy.HookspecMarker("optitool")
 
 
 @hookspec
-def optitool_register_passes(registry: Registry) -> None:
+def optitool_register_passes(registry: PluginRegistry) -> None:
     """Add pass classes with `registry.add(PassClass)`."""
 
 
 @hookspec
-def optitool_register_loaders(registry: Registry) -> None:
-    """Add model loaders with `registry.add_loader(loader)`; see `optitool.models.base.Loader`."""
+def optitool_register_loaders(registry: PluginRegistry) -> None:
+    """Add model loaders with `registry.add_loader(loader)`; see `optitool.Loader`."""
 
 
 @hookspec
-def optitool_register_runtimes(registry: Registry) -> None:
-    """Add benchmark runtimes with `registry.add_runtime(Runtime)`; see `optitool.bench.runtimes.Runtime`."""
+def optitool_register_runtimes(registry: PluginRegistry) -> None:
+    """Add benchmark runtimes with `registry.add_runtime(Runtime)`; see `optitool.Runtime`."""
 
 
 @hookspec
-def optitool_register_metrics(registry: Registry) -> None:
-    """Add evaluation metrics with `registry.add_metric(name, fn)`; `fn(evaluation) -> float | None`."""
+def optitool_register_metrics(registry: PluginRegistry) -> None:
+    """Add evaluation metrics with `registry.add_metric(name, fn)`; `fn(evaluation: optitool.Evaluation) -> float | None`."""
 
 
 @hookspec
-def optitool_pipeline_start(spec: Any, run_dir: Path) -> None:
+def optitool_pipeline_start(spec: PipelineSpec, run_dir: Path) -> None:
     """Called once the pipeline is validated and the run folder exists, before the model is loaded."""
 
 

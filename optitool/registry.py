@@ -36,9 +36,17 @@ class Registry:
     def pass_class(self, name: str) -> type[Pass]:
         return self.passes[name].obj
 
+    def _tables(self) -> dict[str, dict[str, Registered]]:
+        return {"passes": self.passes, "loaders": self.loaders, "runtimes": self.runtimes, "metrics": self.metrics}
+
     def registered_by(self, plugin: str) -> dict[str, list[str]]:
-        table = {"passes": self.passes, "loaders": self.loaders, "runtimes": self.runtimes, "metrics": self.metrics}
-        return {what: sorted(n for n, r in items.items() if r.plugin == plugin) for what, items in table.items()}
+        return {what: sorted(n for n, r in items.items() if r.plugin == plugin) for what, items in self._tables().items()}
+
+    def remove_plugin(self, plugin: str) -> None:
+        """Forget everything `plugin` registered (its registration failed part-way)."""
+        for items in self._tables().values():
+            for name in [n for n, r in items.items() if r.plugin == plugin]:
+                del items[name]
 
 
 def _check_pass_class(cls: Any) -> None:

@@ -132,10 +132,10 @@ def run_snippet(toml: str, tmp_path: Path, *, plugins: tuple[ModuleType | Any, .
     from optitool.runner import Runner
 
     recorder = HookRecorder()
-    blocked = () if builtins else ("prune", "quantize", "distill", "onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = get_plugin_manager(autoload=False, blocked=blocked, modules=(*plugins, _recorder_plugin(recorder)))
+        loaded = get_plugin_manager(autoload=False, builtins=builtins,
+                                    modules=(*plugins, _recorder_plugin(recorder)))
     spec = parse_pipeline_text(toml, loaded.registry, base_dir=tmp_path)
     result = Runner(spec, loaded, tmp_path / "run", quiet=True, benchmark=benchmark, overwrite=True).run()
     return SnippetResult(result.report, result.run_dir, result.stages, recorder.names())
@@ -173,8 +173,7 @@ def check_pass_contract(pass_class: type, *, settings: dict[str, Any] | None = N
     plugin.optitool_register_passes = optitool.hookimpl(lambda registry: registry.add(pass_class))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = get_plugin_manager(autoload=False, blocked=("prune", "quantize", "distill", "onnx"),
-                                    modules=(plugin,))
+        loaded = get_plugin_manager(autoload=False, builtins=False, modules=(plugin,))
     assert not loaded.broken, f"{pass_class.name}: registration failed: {[b.error for b in loaded.broken]}"
     owners = [r.plugin for n, r in loaded.registry.passes.items() if n == pass_class.name]
     assert owners == [plugin.__name__], f"{pass_class.name}: registered {len(owners)} times"
@@ -200,7 +199,7 @@ def check_pass_contract(pass_class: type, *, settings: dict[str, Any] | None = N
         from optitool.passes import PassContext
 
         artifact = model if model is not None else TorchModel(tiny_mlp(), input_names=["x"])
-        from optitool.config import InputSpec
+        from optitool.spec import InputSpec
 
         inputs = InputSource(Dataset({}, []), input_specs={"x": InputSpec(shape=["batch", 16])})
         folder = Path(tmp_path or tempfile.mkdtemp(prefix="optitool-contract-"))

@@ -58,8 +58,8 @@ def measure_in_subprocess(job: dict[str, Any], inputs: dict[str, Any], timeout: 
 
 def _load(job: dict[str, Any], loaders: Any) -> Any:
     from optitool.artifacts import OnnxModel
-    from optitool.config import ModelSpec
     from optitool.models.loaders import load_stage
+    from optitool.spec import ModelSpec
 
     if job["artifact"] == "onnx":
         return OnnxModel(Path(job["path"]))

@@ -9,11 +9,11 @@ from typing import Any
 
 from optitool.artifacts import ModelArtifact
 from optitool.bench.suite import BenchTarget, benchmark_targets
-from optitool.config import BenchmarkSpec, ModelSpec
 from optitool.data.inputs import InputSource
 from optitool.data.sources import Dataset
 from optitool.errors import ConfigError
 from optitool.models.loaders import load_stage
+from optitool.spec import BenchmarkSpec, ModelSpec
 
 
 def _guess_source(path: Path) -> str:

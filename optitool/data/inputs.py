@@ -13,7 +13,7 @@ from optitool.data.sources import Dataset, Example
 from optitool.errors import ConfigError
 
 if TYPE_CHECKING:
-    from optitool.config import InputSpec
+    from optitool.spec import InputSpec
 
 
 

@@ -14,7 +14,7 @@ from optitool.errors import ConfigError
 from optitool.paths import resolve_path
 
 if TYPE_CHECKING:
-    from optitool.config import DataSpec
+    from optitool.spec import DataSpec
 
 SPLITS = ("train", "validation", "calibration", "eval")
 
@@ -105,7 +105,7 @@ def _records(spec: DataSpec, path: Path) -> list[dict[str, Any]]:
 
 def _rows(spec: DataSpec, base_dir: Path) -> list[tuple[str, Any]]:
     if spec.source == "python":
-        from optitool.models.loaders import resolve_callable
+        from optitool.user_code import resolve_callable
 
         produced = resolve_callable(spec.function, base_dir, "[data].function")()
         records = [r if isinstance(r, dict) else {spec.text_field: r} for r in produced]

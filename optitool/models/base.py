@@ -10,7 +10,7 @@ from optitool.paths import resolve_path
 
 if TYPE_CHECKING:
     from optitool.artifacts import ModelArtifact
-    from optitool.config import ModelSpec
+    from optitool.spec import ModelSpec
 
 
 class Loader:

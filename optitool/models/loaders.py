@@ -5,19 +5,19 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.errors import ConfigError, RunError
 from optitool.models.base import Loader, apply_checkpoint, apply_overrides, fit_to_state_dict, load_state_dict
 from optitool.paths import resolve_path
+from optitool.user_code import resolve_callable
 
 if TYPE_CHECKING:
-    from optitool.config import ModelSpec
+    from optitool.spec import ModelSpec
 
 HF_TASKS = {
     "feature-extraction": "AutoModel",
@@ -74,45 +74,6 @@ class HfLoader(Loader):
             apply_checkpoint(module, resolve_path(spec.checkpoint, base_dir, where="[model].checkpoint"))
         names = list(getattr(tokenizer, "model_input_names", []) or [])
         return TorchModel(module, origin=self.origin(spec, base_dir), tokenizer=tokenizer, input_names=names)
-
-
-@contextmanager
-def _importable_from(base_dir: Path):
-    sys.path.insert(0, str(base_dir))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(base_dir))
-
-
-def resolve_callable(reference: str, base_dir: Path, where: str) -> Callable[..., Any]:
-    """`package.module:function` or `path/to/file.py:function`, imported only because the user named it."""
-    module_name, sep, attr = reference.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{where} = {reference!r}: expected 'module:function' (or 'file.py:function')")
-    try:
-        with _importable_from(base_dir):
-            if module_name.endswith(".py"):
-                file = resolve_path(module_name, base_dir, where=where)
-                if not file.is_file():
-                    raise ConfigError(f"{where} = {reference!r}: {file} does not exist")
-                spec = importlib.util.spec_from_file_location(file.stem, file)
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-            else:
-                module = importlib.import_module(module_name)
-    except ConfigError:
-        raise
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"{where} = {reference!r}: module {exc.name!r} not found (looked in the pipeline's "
-                          f"folder {base_dir} and on the Python path)") from None
-    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
-        raise ConfigError(f"{where} = {reference!r}: importing {module_name!r} failed: {type(exc).__name__}: "
-                          f"{exc}") from None
-    target = getattr(module, attr, None)
-    if target is None or not callable(target):
-        raise ConfigError(f"{where} = {reference!r}: {module_name!r} has no callable named {attr!r}")
-    return target
 
 
 class PythonLoader(Loader):
@@ -247,7 +208,7 @@ def _quiet_transformers():
 
 
 def load_stage(folder: Path, loaders: Mapping[str, Loader]) -> ModelArtifact:
-    from optitool.config import ModelSpec
+    from optitool.spec import ModelSpec
 
     if (folder / "model.onnx").is_file():
         meta = json.loads((folder / "model.json").read_text()) if (folder / "model.json").is_file() else {}

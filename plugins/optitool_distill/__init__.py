@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import optitool
 from optitool_distill.distill import Distill
 
@@ -12,5 +10,5 @@ __version__ = optitool.__version__
 
 
 @optitool.hookimpl
-def optitool_register_passes(registry: Any) -> None:
+def optitool_register_passes(registry: optitool.PluginRegistry) -> None:
     registry.add(Distill)

@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from optitool import Pass, PassConfig, PassContext, PassError, TorchModel
-from optitool.execution import call_module, main_output, pooled
+from optitool import Pass, PassConfig, PassContext, PassError, TorchModel, call_module, main_output, pooled
 
 
 class DistillConfig(PassConfig):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from optitool import OnnxModel, Pass, PassConfig, PassContext, PassError, TorchModel
+from optitool import OnnxModel, Pass, PassConfig, PassContext, PassError, TorchModel, call_module, main_output
 
 
 class OnnxExportConfig(PassConfig):
@@ -31,8 +31,6 @@ def output_adapter(module: Any, input_names: list[str]) -> Any:
     """The module as exporters want it: positional tensors in a fixed order in, its main output only out.
     (A function, not a class: torch must not be imported when this plugin is.)"""
     import torch
-
-    from optitool.execution import call_module, main_output
 
     class _Adapter(torch.nn.Module):
         def __init__(self) -> None:
@@ -66,8 +64,6 @@ class OnnxExport(Pass):
         names = list(sample)
         module = model.module.eval().cpu()
         import torch
-
-        from optitool.execution import call_module, main_output
 
         with torch.inference_mode():
             output_name = main_output(call_module(module, sample))[0]
@@ -126,7 +122,7 @@ class OnnxExport(Pass):
                 model.tokenizer.save_pretrained(tmp)
             out = Path(tmp) / "onnx"
             main_export(tmp, output=out, task=task, opset=self.config.opset, do_validation=False)
-            from optitool.models.onnx_files import copy_onnx
+            from optitool import copy_onnx
 
             copy_onnx(out / "model.onnx", path)
 
@@ -160,7 +156,7 @@ class OnnxExport(Pass):
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         converted = convert_float_to_float16(onnx.load(str(path)), keep_io_types=self.config.keep_io_float32)
-        from optitool.models.onnx_files import save_onnx
+        from optitool import save_onnx
 
         save_onnx(converted, path)
 
@@ -168,7 +164,7 @@ class OnnxExport(Pass):
     def _verify(self, model: TorchModel, exported: OnnxModel, ctx: PassContext) -> None:
         import torch
 
-        from optitool.execution import Executor
+        from optitool import Executor
 
         cfg: OnnxExportConfig = self.config
         torch_run, onnx_run = Executor(model, "cpu"), Executor(exported)

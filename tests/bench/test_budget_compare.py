@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from optitool.budget import check_budget
 from optitool.cli import cli
 from optitool.compare import compare_reports
-from optitool.config import BudgetSpec
+from optitool.spec import BudgetSpec
 
 
 def bench(median: float, spread: float, seed: int, runtime: str = "onnxruntime", shape: str = "8x128") -> dict:

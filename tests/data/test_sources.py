@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from optitool.config import DataSpec
 from optitool.data.inputs import InputSource
 from optitool.data.sources import load_dataset
 from optitool.errors import ConfigError
+from optitool.spec import DataSpec
 from optitool.testing import tiny_tokenizer
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from optitool.config import ModelSpec
 from optitool.errors import ConfigError
 from optitool.models.loaders import LOADERS
+from optitool.spec import ModelSpec
 from optitool.testing import tiny_mlp
 
 

@@ -6,7 +6,7 @@ import torch
 from optitool_lowrank import LowRank
 
 import optitool
-from optitool.errors import RunError
+from optitool import RunError
 from optitool.testing import check_pass_contract
 
 PIPELINE = """
