@@ -13,7 +13,7 @@ from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.bench.runtimes import Runtime
 from optitool.data.inputs import Batch, InputSource
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
-from optitool.execution import Executor, call_module, main_output, pooled
+from optitool.execution import Executor, call_module, inputs_for, main_output, pooled
 from optitool.metrics import Evaluation
 from optitool.models.base import Loader
 from optitool.models.onnx_files import copy_onnx, save_onnx
@@ -49,6 +49,7 @@ __all__ = [
     "call_module",
     "copy_onnx",
     "hookimpl",
+    "inputs_for",
     "main_output",
     "pooled",
     "save_onnx",

@@ -16,6 +16,15 @@ import click
 from optitool.errors import BudgetError, ConfigError, OptitoolError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI cancel, `timeout`, `docker stop`), handled exactly like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _fail(message: str, code: int) -> None:
@@ -29,23 +38,37 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
+        previous = _on_sigterm(_terminate)
         try:
             return fn(*args, **kwargs)
         except OptitoolError as exc:
             if debug:
                 traceback.print_exc()
             _fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("optitool: interrupted; finished stages are kept, no half-written stage was left", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            click.echo(f"optitool: {what}; finished stages are kept, no half-written stage was left", err=True)
+            sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - last resort: still no traceback unless asked
             if debug:
                 traceback.print_exc()
             _fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_FAILED)
+        finally:
+            _on_sigterm(previous)
 
     return wrapper
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install a SIGTERM handler where one can be (the main thread); returns the previous one."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,11 +104,13 @@ def _plugins(ctx: click.Context) -> Any:
     return plugins
 
 
-def _spec(ctx: click.Context, pipeline: str, overrides: tuple[str, ...]) -> tuple[Any, Any]:
-    from optitool.config import load_pipeline
+def _spec(ctx: click.Context, pipeline: str, overrides: tuple[str, ...], output: str | None) -> tuple[Any, Any, Path]:
+    """The plugins, the validated pipeline and its run folder: everything `validate` checks."""
+    from optitool.config import load_pipeline, resolve_run_dir
 
     plugins = _plugins(ctx)
-    return plugins, load_pipeline(pipeline, plugins.registry, overrides)
+    spec = load_pipeline(pipeline, plugins.registry, overrides)
+    return plugins, spec, resolve_run_dir(spec, output)
 
 
 @cli.command()
@@ -105,7 +130,7 @@ def run(ctx: click.Context, pipeline: str, output: str | None, device: str, over
     from optitool.report.table import budget_lines, terminal_table
     from optitool.runner import Runner, prepare_run_dir
 
-    plugins, spec = _spec(ctx, pipeline, overrides)
+    plugins, spec, _ = _spec(ctx, pipeline, overrides, output)
     run_dir = prepare_run_dir(spec, output, overwrite)
     result = Runner(spec, plugins, run_dir, device=device, overwrite=overwrite, quiet=quiet,
                     benchmark=not no_benchmark).run()
@@ -124,11 +149,12 @@ def run(ctx: click.Context, pipeline: str, output: str | None, device: str, over
 @cli.command()
 @click.argument("pipeline", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--output", "-o", type=click.Path(), help="The run folder `run` would use, checked too.")
 @click.pass_context
 @handled
-def validate(ctx: click.Context, pipeline: str, overrides: tuple[str, ...]) -> None:
+def validate(ctx: click.Context, pipeline: str, overrides: tuple[str, ...], output: str | None) -> None:
     """Check PIPELINE (every pass's settings and the chain of kinds) without loading any model."""
-    _, spec = _spec(ctx, pipeline, overrides)
+    _, spec, _ = _spec(ctx, pipeline, overrides, output)
     chain = " -> ".join(["model"] + [f"{p.stage_name} ({p.input_kind}->{p.output_kind})" for p in spec.active_passes])
     click.echo(f"{pipeline}: valid. {chain}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,8 @@ _TOP_KEYS = {"name", "seed", "model", "data", "passes", "benchmark", "budget", "
 
 def load_pipeline(path: str | Path, registry: Registry, overrides: tuple[str, ...] = ()) -> PipelineSpec:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"pipeline file {str(path)!r} is a folder; name the .toml file inside it")
     if not path.is_file():
         raise ConfigError(f"pipeline file {str(path)!r} does not exist")
     try:
@@ -206,6 +209,8 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
     passes = _build_passes(raw.get("passes", []), registry, where, overrides)
     _check_kinds(passes, registry, _initial_kind(model, registry), where)
     _check_runtimes(benchmark, registry, where)
+    _check_stage_names(passes, benchmark, budget, where)
+    _check_data_needs(passes, registry, data, where)
     spec = PipelineSpec(name=name, seed=seed, model=model, data=data, passes=passes, benchmark=benchmark,
                         budget=budget, output=output, base_dir=base_dir, source=source, raw=raw)
     if data is not None:
@@ -293,6 +298,53 @@ def _check_kinds(passes: list[PassSpec], registry: Registry, kind: str, where: s
         spec.input_kind, spec.output_kind = kind, instance.output_kind(kind)
         kind = spec.output_kind
         previous = f"passes[{spec.index}] (pass {spec.pass_name!r})"
+    kinds = {kind} | {p.input_kind for p in passes if p.enabled}
+    if "onnx" in kinds and importlib.util.find_spec("onnxruntime") is None:
+        raise ConfigError(f"{where}: this pipeline makes ONNX models, which are evaluated and benchmarked with "
+                          "onnxruntime, and onnxruntime is not installed; pip install \"optitool[cpu]\" (or "
+                          "\"optitool[gpu]\" on a CUDA machine, never both)")
+
+
+def _check_stage_names(passes: list[PassSpec], benchmark: BenchmarkSpec, budget: BudgetSpec | None,
+                       where: str) -> None:
+    """Stages named in [benchmark] and [budget] must be stages this pipeline makes."""
+    names = ["baseline"] + [p.stage_name for p in passes if p.enabled]
+    wanted = [] if benchmark.stages == "all" else [("[benchmark].stages", s) for s in benchmark.stages]
+    if budget is not None and budget.stage != "final":
+        wanted.append(("[budget].stage", budget.stage))
+    for key, name in wanted:
+        if name not in names:
+            raise ConfigError(f"{where}: {key} names {name!r}, which is not a stage of this pipeline; its stages "
+                              f"are {', '.join(names)}" + (" (and 'final', the last)" if key == "[budget].stage" else ""))
+
+
+def _check_data_needs(passes: list[PassSpec], registry: Registry, data: DataSpec | None, where: str) -> None:
+    """A pass that needs a split (or labels in it) says so in `data_needs`; a pipeline that cannot give
+    them is refused now rather than after the passes before it have run."""
+    for spec in passes:
+        if not spec.enabled:
+            continue
+        for split, what in spec.make(registry).data_needs().items():
+            here = f"{where}: passes[{spec.index}] (pass {spec.pass_name!r})"
+            if data is None or not data.declares_split(split):
+                raise ConfigError(f"{here} needs a {split!r} split of real data, and the pipeline has none; add a "
+                                  f"[data] table that reads examples (folder, jsonl, csv, ...) with a {split} "
+                                  f"entry in [data.splits], e.g. splits = {{ {split} = 0.5, eval = 0.2 }}")
+            if what == "labels" and not data.has_labels:
+                raise ConfigError(f"{here} needs labels in the {split!r} split, and [data] declares none "
+                                  "(label_field is empty); give the data labels or change the pass's settings")
+
+
+def resolve_run_dir(spec: PipelineSpec, output: str | None) -> Path:
+    """The run folder (--output, else [output].dir), absolute; refused when it cannot be a folder."""
+    where = "--output" if output else f"{spec.source or 'pipeline'}: [output].dir"
+    run_dir = (Path(output) if output else Path(spec.output.folder(spec.name))).absolute()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{where}: {run_dir} is an existing file, not a folder; choose another run folder")
+    for parent in run_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{where}: {run_dir} lies under {parent}, which is a file; choose another run folder")
+    return run_dir
 
 
 def _check_runtimes(benchmark: BenchmarkSpec, registry: Registry, where: str) -> None:

@@ -27,6 +27,23 @@ def call_module(module: Any, inputs: dict[str, Any]) -> Any:
     return module(**inputs) if by_name and params else module(*inputs.values())
 
 
+def module_dtype(module: Any) -> Any:
+    """The floating dtype a module computes in (its first floating parameter or buffer), float32 if none."""
+    import torch
+
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def inputs_for(module: Any, inputs: dict[str, Any], device: str) -> dict[str, Any]:
+    """Inputs moved to `device`, floating ones in the module's own dtype: a pass may leave a model in
+    float16 or bfloat16, and feeding it float32 fails (`mat1 and mat2 must have the same dtype`)."""
+    dtype = module_dtype(module)
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+
+
 def main_output(output: Any) -> tuple[str, Any]:
     """(name, tensor) of the output a user cares about from whatever a torch model returned."""
     if hasattr(output, "keys") and not hasattr(output, "shape"):
@@ -83,8 +100,7 @@ class Executor:
         assert isinstance(self.artifact, TorchModel)
         module = self.artifact.module
         with torch.inference_mode():
-            moved = {k: v.to(self.device) for k, v in inputs.items()}
-            name, value = main_output(call_module(module, moved))
+            name, value = main_output(call_module(module, inputs_for(module, inputs, self.device)))
         return name, value.detach().float().cpu()
 
     def __call__(self, inputs: dict[str, Any]) -> tuple[str, Any]:

@@ -55,6 +55,11 @@ class Pass:
     def check(self, input_kind: str) -> None:
         """Refuse, before anything runs, a setting that cannot work on this kind (raise ConfigError)."""
 
+    def data_needs(self) -> dict[str, str]:
+        """The data splits this pass needs with these settings: split name -> "inputs" or "labels".
+        The pipeline is refused before anything runs when its [data] cannot give them."""
+        return {}
+
     def run(self, model: ModelArtifact, ctx: PassContext) -> ModelArtifact:  # pragma: no cover - abstract
         raise NotImplementedError(f"pass {self.name!r} does not implement run()")
 
@@ -108,10 +113,15 @@ class PassContext:
     logger: logging.Logger
     quiet: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, ModelArtifact] = field(default_factory=dict)
     load_model: Callable[[dict[str, Any]], ModelArtifact] | None = None
     pass_name: str = ""
+
+    def flag(self, message: str) -> None:
+        """Something a reader of the report must see about this stage (shown with the stage's flags)."""
+        self.flags.append(message)
 
     def progress(self, total: int | None, desc: str = "") -> Progress:
         return Progress(total, desc or self.pass_name, quiet=self.quiet)

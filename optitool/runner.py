@@ -19,7 +19,7 @@ from typing import Any
 from optitool import atomic
 from optitool.artifacts import ModelArtifact, OnnxModel
 from optitool.bench.memory import rss_mb
-from optitool.config import PipelineSpec
+from optitool.config import PipelineSpec, resolve_run_dir
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
 from optitool.passes import PassContext
 from optitool.plugins import Plugins
@@ -109,7 +109,7 @@ class RunResult:
 
 
 def prepare_run_dir(spec: PipelineSpec, output: str | None, overwrite: bool) -> Path:
-    run_dir = (Path(output) if output else Path(spec.output.dir.format(name=spec.name))).absolute()
+    run_dir = resolve_run_dir(spec, output)
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise ConfigError(f"the run folder {run_dir} already exists; pass --overwrite to replace it or "
                           "--output to choose another")
@@ -160,6 +160,14 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------ the run
     def run(self) -> RunResult:
+        """Run the pipeline into the run folder, which no other optitool process may write meanwhile."""
+        with atomic.FolderLock(self.run_dir):
+            if not self.overwrite and self.run_dir.exists() and any(self.run_dir.iterdir()):
+                raise ConfigError(f"the run folder {self.run_dir} already exists; pass --overwrite to replace it "
+                                  "or --output to choose another")
+            return self._run()
+
+    def _run(self) -> RunResult:
         from optitool.environment import describe
 
         device = resolve_device(self.requested_device)
@@ -205,8 +213,18 @@ class Runner:
         from optitool.evaluation import eval_batches, evaluate
 
         self.eval_batches = eval_batches(inputs)
-        metrics, self.reference = evaluate(baseline, self.eval_batches, None, self.registry, device,
-                                           inputs.label_names)
+        try:
+            metrics, self.reference = evaluate(baseline, self.eval_batches, None, self.registry, device,
+                                               inputs.label_names)
+        except OptitoolError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model cannot take the inputs the pipeline makes for it
+            shapes = ", ".join(f"{k}: {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+                               for k, v in self.eval_batches[0].inputs.items()) if self.eval_batches else "none"
+            source = "[model.inputs]" if not inputs.is_text else "the tokenizer and [data]"
+            raise ConfigError(f"the model could not run on the inputs made from {source} ({shapes}): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; make "
+                              f"{source} match what the model's forward takes") from None
         return metrics
 
     def _run_stages(self, baseline: ModelArtifact, baseline_metrics: dict[str, Any], inputs: Any,
@@ -272,7 +290,7 @@ class Runner:
             metrics.update(evaluated)
             record = {"name": pass_spec.stage_name, "pass": pass_spec.pass_name, "plugin": plugin,
                       "kind": result.kind, "artifact": f"{folder.name}/{file_name}", "metrics": metrics,
-                      "benchmarks": [], "seconds": round(seconds, 3), "flags": []}
+                      "benchmarks": [], "seconds": round(seconds, 3), "flags": list(ctx.flags)}
             atomic.write_json(tmp / "stage.json", record)
         if isinstance(result, OnnxModel):
             result.path = folder / "model.onnx"

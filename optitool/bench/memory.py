@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -16,20 +15,27 @@ from typing import Any
 
 
 def rss_mb() -> float:
-    """Resident memory of this process now (Linux)."""
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+    """Resident memory of this process now (psutil: Linux, macOS and Windows alike)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def high_water_mb() -> float:
-    """Peak resident memory of this process image. Not getrusage's ru_maxrss: Linux carries the parent's
-    high-water mark across fork and exec into it, so every probe reported the parent's peak."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return rss_mb()
+    """Peak resident memory of this process image: Linux's VmHWM, Windows' peak working set, else the
+    current resident memory. Not getrusage's ru_maxrss: Linux carries the parent's high-water mark across
+    fork and exec into it, so every probe reported the parent's peak."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import psutil
+
+    peak = getattr(psutil.Process().memory_info(), "peak_wset", None)
+    return peak / 2**20 if peak else rss_mb()
 
 
 def peak_mb(bench_entry: dict[str, Any]) -> float | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
-from optitool.execution import call_module
+from optitool.execution import call_module, inputs_for
 
 
 class Runtime:
@@ -42,8 +42,10 @@ def _cuda_timed(fn: Any) -> Any:
 
 
 class TorchEager(Runtime):
+    """The model as it is, in the dtype its weights have (a pass may have converted them)."""
+
     name = "torch_eager"
-    dtype = "float32"
+    dtype: str | None = None  # subclasses convert a copy of the model to this dtype
 
     def unavailable(self, device: str) -> str | None:
         import torch
@@ -58,7 +60,7 @@ class TorchEager(Runtime):
         import torch
 
         module = artifact.module.to(device)
-        if self.dtype != "float32":
+        if self.dtype is not None:
             import copy
 
             module = copy.deepcopy(module).to(getattr(torch, self.dtype))
@@ -71,12 +73,10 @@ class TorchEager(Runtime):
         if threads:
             torch.set_num_threads(threads)
         module = self.module_for(artifact, device)
-        dtype = getattr(torch, self.dtype)
 
         def call(inputs: dict[str, Any]) -> None:
-            moved = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
             with torch.inference_mode():
-                call_module(module, moved)
+                call_module(module, inputs_for(module, inputs, device))
 
         return _cuda_timed(call) if device == "cuda" else call
 
@@ -114,8 +114,10 @@ class OnnxRuntime(Runtime):
         return self.provider[device]
 
     def unavailable(self, device: str) -> str | None:
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return 'onnxruntime is not installed (pip install "optitool[cpu]", or "optitool[gpu]" for CUDA)'
         wanted = self._provider(device)
         if wanted not in ort.get_available_providers():
             return (f"onnxruntime here has no {wanted} (available: {', '.join(ort.get_available_providers())}); "

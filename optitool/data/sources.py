@@ -107,8 +107,11 @@ def _rows(spec: DataSpec, base_dir: Path) -> list[tuple[str, Any]]:
     if spec.source == "python":
         from optitool.user_code import resolve_callable
 
-        produced = resolve_callable(spec.function, base_dir, "[data].function")()
-        records = [r if isinstance(r, dict) else {spec.text_field: r} for r in produced]
+        function = resolve_callable(spec.function, base_dir, "[data].function")
+        try:
+            records = [r if isinstance(r, dict) else {spec.text_field: r} for r in function()]
+        except Exception as exc:  # noqa: BLE001 - the user's function failed
+            raise ConfigError(f"[data].function = {spec.function!r} raised {type(exc).__name__}: {exc}") from None
     else:
         path = resolve_path(spec.path, base_dir, where="[data].path")
         if spec.source == "folder":

@@ -49,20 +49,36 @@ class Loader:
         return table
 
 
+def unreadable(path: Path, exc: BaseException, what: str = "model file") -> ConfigError:
+    """One clear message for a model file that cannot be read, whatever library failed to read it.
+
+    Only the first line of the library's own message is kept, and any advice to load with
+    `weights_only=False` is dropped: that would execute whatever code the file carries."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    pickled = "weights_only" in str(exc) or "Unpickler" in str(exc)
+    if pickled:
+        detail = ("it is a pickle holding Python objects other than tensors, and optitool never unpickles "
+                  "arbitrary objects; save the weights with safetensors (save_pretrained(..., "
+                  "safe_serialization=True) or safetensors.torch.save_file(model.state_dict(), ...))")
+    else:
+        detail = (f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+        detail += "; the file may be truncated or corrupt, or not of the format its name says"
+    return ConfigError(f"{what} {path} could not be read: {detail}")
+
+
 def load_state_dict(path: Path) -> dict[str, Any]:
     """Weights only: safetensors, or torch.load(weights_only=True); never unpickle arbitrary objects."""
     import torch
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for unsafe or corrupt files
-        raise ConfigError(f"checkpoint {path} could not be loaded as weights only ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0]}); optitool never unpickles arbitrary objects. Save a "
-                          "state_dict with safetensors or torch.save(model.state_dict()).") from None
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - readers raise many types for unsafe or corrupt files
+        raise unreadable(path, exc, "checkpoint") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -71,46 +87,86 @@ def load_state_dict(path: Path) -> dict[str, Any]:
 
 
 def apply_checkpoint(module: Any, path: Path) -> None:
+    """Load a user's checkpoint into the model the pipeline built, strictly: a checkpoint of another
+    shape is another model, and optimizing it under the user's model's name would be a lie."""
     state = load_state_dict(path)
-    fit_to_state_dict(module, state)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if unexpected or (missing and len(missing) == len(list(module.state_dict()))):
-        raise ConfigError(f"checkpoint {path} does not fit the model: {len(unexpected)} unexpected keys "
-                          f"(e.g. {unexpected[:3]}), {len(missing)} missing (e.g. {missing[:3]})")
+    check_fits(module, state, f"checkpoint {path}")
+    module.load_state_dict(state, strict=False)
 
 
-def fit_to_state_dict(module: Any, state: dict[str, Any]) -> None:
-    """Give Linear, Conv and norm layers the shapes of a saved state dict (structured pruning changes them)."""
+def check_fits(module: Any, state: dict[str, Any], what: str) -> None:
+    """Raise a ConfigError naming the first tensor of `state` that does not fit `module`."""
+    own = module.state_dict()
+    for key, tensor in state.items():
+        if key not in own:
+            raise ConfigError(f"{what} does not fit the model: it has a tensor {key!r} the model does not have "
+                              f"({len(set(state) - set(own))} such tensors)")
+        if tuple(own[key].shape) != tuple(tensor.shape):
+            raise ConfigError(f"{what} does not fit the model: tensor {key!r} has shape {list(tensor.shape)} "
+                              f"in the checkpoint but {list(own[key].shape)} in the model")
+    parameters = {name for name, _ in module.named_parameters()}
+    missing = sorted(parameters - set(state))
+    if missing:
+        raise ConfigError(f"{what} does not fit the model: it lacks {len(missing)} of the model's parameters "
+                          f"(the first: {missing[0]!r})")
+
+
+RESIZABLE = ("Linear", "Conv1d", "Conv2d", "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Embedding")
+
+
+def describe_structure(module: Any) -> dict[str, Any]:
+    """What a pass may have changed in a model's architecture: the length of each layer list and the weight
+    shape of each resizable layer. Saved with a stage so reloading rebuilds exactly that architecture."""
     import torch
 
-    for name, sub in list(module.named_modules()):  # a shallower student keeps fewer layers of a list
-        if isinstance(sub, torch.nn.ModuleList) and len(sub):
-            prefix = f"{name}." if name else ""
-            present = {int(k[len(prefix):].split(".")[0]) for k in state
-                       if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
-            if present and max(present) + 1 < len(sub):
-                del sub[max(present) + 1:]
-    for name, sub in list(module.named_modules()):
-        weight = state.get(f"{name}.weight" if name else "weight")
-        if weight is None or not hasattr(sub, "weight") or sub.weight is None:
+    lists = {name: len(sub) for name, sub in module.named_modules() if isinstance(sub, torch.nn.ModuleList)}
+    resizable = tuple(getattr(torch.nn, kind) for kind in RESIZABLE)
+    shapes = {name: list(sub.weight.shape) for name, sub in module.named_modules()
+              if isinstance(sub, resizable) and isinstance(getattr(sub, "weight", None), torch.Tensor)}
+    return {"layer_lists": lists, "weights": shapes}
+
+
+def apply_structure(module: Any, structure: dict[str, Any]) -> None:
+    """Rebuild the architecture a stage recorded (`describe_structure`) on a freshly loaded origin model:
+    shorter layer lists (a shallower student keeps the first N, renumbered) and resized layers
+    (structured pruning)."""
+    import torch
+
+    for name, length in structure.get("layer_lists", {}).items():
+        sub = module.get_submodule(name)
+        if isinstance(sub, torch.nn.ModuleList) and length < len(sub):
+            del sub[length:]
+    for name, shape in structure.get("weights", {}).items():
+        try:
+            sub = module.get_submodule(name)
+        except AttributeError:
             continue
-        if tuple(sub.weight.shape) == tuple(weight.shape):
-            continue
-        bias = getattr(sub, "bias", None) is not None
-        if isinstance(sub, torch.nn.Linear):
-            new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
-        elif isinstance(sub, torch.nn.Conv2d):
-            new = torch.nn.Conv2d(weight.shape[1] * sub.groups, weight.shape[0], sub.kernel_size, sub.stride,
-                                  sub.padding, sub.dilation, sub.groups, bias=bias)
-        elif isinstance(sub, torch.nn.BatchNorm2d):
-            new = torch.nn.BatchNorm2d(weight.shape[0])
-        elif isinstance(sub, torch.nn.LayerNorm):
-            new = torch.nn.LayerNorm(weight.shape[0], eps=sub.eps)
-        else:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, new)
+        if tuple(sub.weight.shape) != tuple(shape):
+            _replace(module, name, _resized(sub, shape))
+
+
+def _resized(sub: Any, shape: list[int]) -> Any:
+    import torch
+
+    bias = getattr(sub, "bias", None) is not None
+    kind = type(sub).__name__
+    if kind == "Linear":
+        return torch.nn.Linear(shape[1], shape[0], bias=bias)
+    if kind in ("Conv1d", "Conv2d"):
+        cls = getattr(torch.nn, kind)
+        return cls(shape[1] * sub.groups, shape[0], sub.kernel_size, sub.stride, sub.padding, sub.dilation,
+                   sub.groups, bias=bias)
+    if kind in ("BatchNorm1d", "BatchNorm2d"):
+        return getattr(torch.nn, kind)(shape[0], eps=sub.eps, momentum=sub.momentum)
+    if kind == "LayerNorm":
+        return torch.nn.LayerNorm(shape[0], eps=sub.eps, elementwise_affine=True, bias=bias)
+    return torch.nn.Embedding(shape[0], shape[1], padding_idx=sub.padding_idx)
+
+
+def _replace(module: Any, name: str, new: Any) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    setattr(parent, child, new)
 
 
 def apply_overrides(module: Any, overrides: dict[str, dict[str, Any]]) -> None:

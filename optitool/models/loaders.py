@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.errors import ConfigError, RunError
-from optitool.models.base import Loader, apply_checkpoint, apply_overrides, fit_to_state_dict, load_state_dict
+from optitool.models.base import (
+    Loader,
+    apply_checkpoint,
+    apply_overrides,
+    apply_structure,
+    check_fits,
+    load_state_dict,
+    unreadable,
+)
+from optitool.models.onnx_files import read_onnx_graph
 from optitool.paths import resolve_path
 from optitool.user_code import resolve_callable
 
@@ -62,9 +71,11 @@ class HfLoader(Loader):
             kwargs["num_labels"] = spec.num_labels
         try:
             module = auto.from_pretrained(where, local_files_only=local, **kwargs)
-        except OSError as exc:
-            raise RunError(f"could not load Hugging Face model {where!r}: {exc}. Without network access, point "
-                           "[model].path at a local folder.") from None
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad folders and files
+            if not local:
+                raise RunError(f"could not load Hugging Face model {where!r}: {exc}. Without network access, "
+                               "point [model].path at a local folder.") from None
+            raise unreadable(_weights_file(Path(where)), exc, "the Hugging Face model's weights") from None
         module.eval()
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=local)
@@ -155,10 +166,9 @@ class OnnxLoader(Loader):
     kind = "onnx"
 
     def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
-        import onnx
 
         path = resolve_path(spec.path, base_dir, where="[model].path")
-        graph = onnx.load(str(path), load_external_data=False).graph
+        graph = read_onnx_graph(path)
         initializers = {i.name for i in graph.initializer}
         names = [i.name for i in graph.input if i.name not in initializers]
         tokenizer = None
@@ -186,6 +196,15 @@ class StageLoader(Loader):
 
     def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
         return load_stage(resolve_path(spec.path, base_dir, where="[model].path"), self._loaders or LOADERS)
+
+
+def _weights_file(folder: Path) -> Path:
+    """The file a Hugging Face folder keeps its weights in (for messages about it)."""
+    for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+    return folder
 
 
 @contextmanager
@@ -228,8 +247,9 @@ def load_stage(folder: Path, loaders: Mapping[str, Loader]) -> ModelArtifact:
     with _quiet_transformers():  # the saved weights replace what it would warn about (e.g. a new head)
         base = loaders[origin.source].load(origin.model_copy(update={"checkpoint": None}), Path("/"))
     state = load_state_dict(folder / "model.safetensors")
-    fit_to_state_dict(base.module, state)
+    apply_structure(base.module, meta.get("structure", {}))
     apply_overrides(base.module, meta.get("overrides", {}))
+    check_fits(base.module, state, f"stage {folder}")
     base.module.load_state_dict(state, strict=False)
     base.overrides = meta.get("overrides", {})
     return base

@@ -6,7 +6,24 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from optitool.errors import ConfigError
+
 TWO_GB = 2 * 1024**3
+
+
+def read_onnx_graph(path: Path) -> Any:
+    """The graph of an ONNX file (without its external data), or a ConfigError naming the file."""
+    import onnx
+
+    from optitool.models.base import unreadable
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others for damaged files
+        raise unreadable(path, exc, "ONNX file") from None
+    if not model.graph.node:
+        raise ConfigError(f"ONNX file {path} could not be read: it has no graph nodes (truncated or empty?)")
+    return model.graph
 
 
 def external_files(path: Path) -> list[Path]:

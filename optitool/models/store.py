@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
+from optitool.models.base import describe_structure
 from optitool.models.onnx_files import copy_onnx, onnx_parameter_counts, onnx_size_bytes
 
 
@@ -56,7 +57,8 @@ def save_artifact(artifact: ModelArtifact, folder: Path) -> tuple[str, int]:
         return "model.onnx", onnx_size_bytes(target)
     assert isinstance(artifact, TorchModel)
     meta: dict[str, Any] = {"kind": "torch", "origin": artifact.origin, "overrides": artifact.overrides,
-                            "input_names": artifact.input_names, "reloadable": artifact.reloadable}
+                            "structure": describe_structure(artifact.module), "input_names": artifact.input_names,
+                            "reloadable": artifact.reloadable}
     target = folder / "model.safetensors"
     try:
         from safetensors.torch import save_model

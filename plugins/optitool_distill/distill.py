@@ -13,7 +13,17 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from optitool import Pass, PassConfig, PassContext, PassError, TorchModel, call_module, main_output, pooled
+from optitool import (
+    Pass,
+    PassConfig,
+    PassContext,
+    PassError,
+    TorchModel,
+    call_module,
+    inputs_for,
+    main_output,
+    pooled,
+)
 
 
 class DistillConfig(PassConfig):
@@ -75,6 +85,9 @@ class Distill(Pass):
     Config = DistillConfig
     takes = "torch"
     gives = "torch"
+
+    def data_needs(self) -> dict[str, str]:
+        return {"train": "labels" if self.config.alpha == 0 else "inputs"}
 
     def _student(self, model: TorchModel, ctx: PassContext) -> TorchModel:
         cfg: DistillConfig = self.config
@@ -146,7 +159,7 @@ class Distill(Pass):
                 if step >= total:
                     break
                 for i, batch in enumerate(ctx.batches("train", cfg.batch_size)):
-                    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+                    inputs = inputs_for(student.module, batch.inputs, device)
                     labels = batch.labels.to(device) if batch.labels is not None else None
                     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                         loss = self._loss(teacher.module, student.module, inputs, labels)
@@ -259,7 +272,7 @@ class Distill(Pass):
         cosines = []
         with torch.inference_mode():
             for batch in ctx.batches(split, 32, limit=256):
-                inputs = {k: v.to(ctx.device) for k, v in batch.inputs.items()}
+                inputs = inputs_for(student, batch.inputs, ctx.device)
                 name, out = main_output(call_module(student, inputs))
                 if batch.labels is not None and name == "logits":
                     correct += int((out.argmax(-1).cpu() == batch.labels).sum())

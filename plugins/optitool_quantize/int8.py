@@ -31,6 +31,8 @@ class Int8Config(PassConfig):
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI")
     calibration: Literal["minmax", "percentile", "entropy"] = Field("minmax", description="static calibration")
     calibration_samples: int = Field(64, ge=1, description="examples of the calibration split used")
+    calibration_data: Literal["split", "random"] = Field(
+        "split", description="static: the data's calibration split, or seeded random inputs (flagged in the report)")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Gather", "Attention", "Conv"],
                                 description="ONNX op types to quantize")
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names left in float")
@@ -50,6 +52,10 @@ class Int8Quantize(Pass):
         if input_kind == "onnx" and self.config.mode == "weight_only":
             raise ConfigError("int8_quantize: mode = 'weight_only' is for torch models (torchao); on ONNX use "
                               "'dynamic' or 'static'")
+
+    def data_needs(self) -> dict[str, str]:
+        static_split = self.config.mode == "static" and self.config.calibration_data == "split"
+        return {"calibration": "inputs"} if static_split else {}
 
     def run(self, model: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         if isinstance(model, OnnxModel):
@@ -80,7 +86,8 @@ class Int8Quantize(Pass):
 
             method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                       "entropy": CalibrationMethod.Entropy}[cfg.calibration]
-            quantize_static(str(source), str(target), _CalibrationReader(model, ctx, cfg.calibration_samples),
+            quantize_static(str(source), str(target),
+                            _CalibrationReader(model, ctx, cfg.calibration_samples, cfg.calibration_data),
                             quant_format=QuantFormat.QDQ, op_types_to_quantize=ops, per_channel=cfg.per_channel,
                             reduce_range=cfg.reduce_range, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=cfg.exclude_nodes,
@@ -179,7 +186,7 @@ def _preprocess_here(source: Path, target: Path, ctx: PassContext) -> Path:
 class _CalibrationReader:
     """Feeds onnxruntime's calibrator batches of the calibration split (seeded random inputs without data)."""
 
-    def __init__(self, model: OnnxModel, ctx: PassContext, samples: int) -> None:
+    def __init__(self, model: OnnxModel, ctx: PassContext, samples: int, source: str) -> None:
         import onnx
 
         graph = onnx.load(str(model.path), load_external_data=False).graph
@@ -187,10 +194,12 @@ class _CalibrationReader:
         names = [i.name for i in graph.input if i.name not in initializers]
         if ctx.inputs is None:
             raise PassError("static int8 needs calibration inputs: add [data] with a calibration split")
-        if ctx.inputs.has_split("calibration"):
+        if source == "split":
             batches = [b.inputs for b in ctx.inputs.batches("calibration", 8, limit=samples)]
-        else:
+        else:  # asked for: calibration ranges from random inputs can be far from real ones
             batches = [ctx.inputs.random(8, index=500 + i) for i in range(max(1, samples // 8))]
+            ctx.flag("static int8 was calibrated on seeded random inputs (calibration_data = 'random'), not "
+                     "on real data; its accuracy may be worse than a calibrated model's")
         self._feeds = iter([{k: v.numpy() for k, v in b.items() if k in names} for b in batches])
 
     def get_next(self) -> dict[str, Any] | None:

@@ -59,8 +59,9 @@ def test_pickled_objects_are_never_unpickled(tmp_path):
 
     (tmp_path / "zoo.py").write_text("from optitool.testing import tiny_mlp as make\n")
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"state_dict": Evil()}))
-    with pytest.raises(ConfigError, match="weights only"):
+    with pytest.raises(ConfigError, match="never unpickles arbitrary objects") as caught:
         load("python", tmp_path, factory="zoo:make", checkpoint="evil.pt")
+    assert "weights_only=False" not in str(caught.value)  # torch's advice would run the file's code
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from optitool_distill.distill import Distill
 
-from optitool.errors import RunError
+from optitool.errors import ConfigError, RunError
 from optitool.testing import check_pass_contract, run_snippet
 
 
@@ -75,7 +75,16 @@ def test_shallow_student_keeps_evenly_spaced_layers_and_reloads(tmp_path, optito
 def test_without_a_train_split_the_error_says_what_to_add(tmp_path):
     snippet = ('[model]\nsource = "python"\nfactory = "optitool.testing:tiny_mlp"\n[model.inputs]\nx = ["batch", 16]\n'
                '[[passes]]\npass = "distill"\n')
-    with pytest.raises(RunError, match="needs a train split"):
+    with pytest.raises(ConfigError, match="needs a 'train' split"):  # before anything runs
+        run_snippet(snippet, tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fine_tuning_on_labels_without_labels_is_refused_before_running(tmp_path, optitool_text_folder):
+    snippet = (f'[model]\nsource = "python"\nfactory = "optitool.testing:tiny_mlp"\n[model.inputs]\nx = ["batch", 16]\n'
+               f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nlabel_field = ""\n'
+               '[[passes]]\npass = "distill"\nalpha = 0\n')
+    with pytest.raises(ConfigError, match="needs labels in the 'train' split"):
         run_snippet(snippet, tmp_path)
 
 

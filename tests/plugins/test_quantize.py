@@ -4,6 +4,7 @@ import onnx
 import pytest
 from optitool_quantize.int8 import Int8Quantize
 
+from optitool.errors import ConfigError
 from optitool.testing import check_pass_contract, run_snippet
 
 MLP = """
@@ -18,9 +19,12 @@ pass = "onnx_export"
 """
 
 
+RANDOM = 'calibration_data = "random"'
+
+
 @pytest.mark.parametrize("settings, op", [('mode = "dynamic"', "DynamicQuantizeLinear"),
-                                          ('mode = "static"\ncalibration = "minmax"', "QuantizeLinear"),
-                                          ('mode = "static"\ncalibration = "percentile"', "QuantizeLinear")])
+                                          (f'mode = "static"\ncalibration = "minmax"\n{RANDOM}', "QuantizeLinear"),
+                                          (f'mode = "static"\ncalibration = "percentile"\n{RANDOM}', "QuantizeLinear")])
 def test_onnx_int8_shrinks_and_stays_close(tmp_path, settings, op):
     result = run_snippet(MLP + f'[[passes]]\npass = "int8_quantize"\n{settings}\n', tmp_path)
     stage = result.report["stages"][2]
@@ -28,6 +32,13 @@ def test_onnx_int8_shrinks_and_stays_close(tmp_path, settings, op):
     assert stage["metrics"]["fidelity"] > 0.98
     ops = {n.op_type for n in onnx.load(result.run_dir / stage["artifact"]).graph.node}
     assert op in ops
+    assert any("random inputs" in f for f in stage["flags"]) == ("static" in settings)
+
+
+def test_static_int8_without_a_calibration_split_is_refused_before_running(tmp_path):
+    with pytest.raises(ConfigError, match="needs a 'calibration' split"):
+        run_snippet(MLP + '[[passes]]\npass = "int8_quantize"\nmode = "static"\n', tmp_path)
+    assert not (tmp_path / "run").exists()
 
 
 def test_fused_transformer_graph_still_quantizes_and_leaves_no_files_behind(tmp_path, optitool_tiny_bert,
