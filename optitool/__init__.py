@@ -11,6 +11,7 @@ import pluggy
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.bench.runtimes import Runtime
+from optitool.config import PipelineSpec
 from optitool.data.inputs import Batch, InputSource
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
 from optitool.execution import Executor, call_module, inputs_for, main_output, pooled
@@ -41,6 +42,7 @@ __all__ = [
     "PassConfig",
     "PassContext",
     "PassError",
+    "PipelineSpec",
     "PluginRegistry",
     "RunError",
     "Runtime",

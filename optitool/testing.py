@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from optitool.errors import ConfigError, OptitoolError
+from optitool.errors import ConfigError
 
 WORDS = ("the market shares rose as the bank said profits grew while the film won an award and the team won "
          "the match after the minister said the election vote was close and the new phone software was fast").split()
@@ -141,17 +141,51 @@ def run_snippet(toml: str, tmp_path: Path, *, plugins: tuple[ModuleType | Any, .
     return SnippetResult(result.report, result.run_dir, result.stages, recorder.names())
 
 
+def contract_inputs(features: int = 16, classes: int = 4, *, seed: int = 0) -> Any:
+    """Inputs for the tiny MLP with every split a pass may need (train, validation, calibration, eval),
+    each labelled: what `check_pass_contract` gives a pass so that it has no reason not to run."""
+    import torch
+
+    from optitool.data.inputs import InputSource
+    from optitool.data.sources import Dataset, Example
+    from optitool.spec import InputSpec
+
+    generator = torch.Generator().manual_seed(seed)
+    sizes = {"train": 32, "validation": 8, "calibration": 16, "eval": 16}
+    splits = {}
+    for split, size in sizes.items():
+        x = torch.rand(size, features, generator=generator)
+        splits[split] = [Example(None, int(i % classes), {"x": x[i]}) for i in range(size)]
+    return InputSource(Dataset(splits, [f"class{i}" for i in range(classes)]),
+                       input_specs={"x": InputSpec(shape=["batch", features])}, input_names=["x"], seed=seed)
+
+
+def _tiny_onnx(folder: Path) -> Any:
+    """The tiny MLP as an ONNX file (the fast TorchScript exporter is enough for a 3-layer MLP)."""
+    import torch
+
+    from optitool.artifacts import OnnxModel
+
+    path = folder / "contract-input.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tiny_mlp().eval(), (torch.rand(2, 16),), str(path), input_names=["x"],
+                          output_names=["output"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    return OnnxModel(path, input_names=["x"])
+
+
 def check_pass_contract(pass_class: type, *, settings: dict[str, Any] | None = None, model: Any = None,
                         tmp_path: Path | None = None) -> None:
     """Assert what optitool relies on from every pass; raises AssertionError naming the broken rule.
 
     Checks: registration through a plugin (exactly once), settings round-trip and refuse unknown keys,
-    `run` returns a model of the declared kind on a tiny model, and a model of a kind the pass does not
-    take is refused before anything runs.
+    a model of a kind the pass does not take is refused before anything runs, and on every kind it
+    takes, `run` succeeds on a tiny model with every data split it may need and returns a model of the
+    declared kind that still runs. `model` replaces the tiny MLP (a TorchModel or an OnnxModel whose
+    input is `x` of shape [batch, 16]).
     """
     from pydantic import ValidationError
 
-    from optitool.artifacts import TorchModel
     from optitool.passes import Pass
     from optitool.plugins import get_plugin_manager
 
@@ -190,29 +224,52 @@ def check_pass_contract(pass_class: type, *, settings: dict[str, Any] | None = N
         else:
             raise AssertionError(f"{pass_class.name}: an ONNX model was not refused before running")
 
-    if "torch" in pass_class.accepted_kinds():
-        import logging
-        import tempfile
+    import tempfile
 
-        from optitool.data.inputs import InputSource
-        from optitool.data.sources import Dataset
-        from optitool.passes import PassContext
+    folder = Path(tmp_path or tempfile.mkdtemp(prefix="optitool-contract-"))
+    for kind in pass_class.accepted_kinds():
+        _check_run(pass_class, config, kind, _contract_model(kind, model, folder), folder / f"run-{kind}")
 
-        artifact = model if model is not None else TorchModel(tiny_mlp(), input_names=["x"])
-        from optitool.spec import InputSpec
 
-        inputs = InputSource(Dataset({}, []), input_specs={"x": InputSpec(shape=["batch", 16])})
-        folder = Path(tmp_path or tempfile.mkdtemp(prefix="optitool-contract-"))
-        ctx = PassContext(device="cpu", seed=0, run_dir=folder, stage_dir=folder, inputs=inputs,
-                          logger=logging.getLogger("contract"), quiet=True)
-        instance = pass_class(config)
-        try:
-            result = instance.run(artifact, ctx)
-        except OptitoolError:
-            return  # a clear refusal of this model is allowed; the kind check above still ran
-        expected = instance.output_kind("torch")
-        assert getattr(result, "kind", None) == expected, (
-            f"{pass_class.name}: run() returned {result!r}, not a {expected} model artifact")
+def _contract_model(kind: str, model: Any, folder: Path) -> Any:
+    from optitool.artifacts import TorchModel
+
+    if model is not None and getattr(model, "kind", None) == kind:
+        return model
+    if kind == "onnx":
+        folder.mkdir(parents=True, exist_ok=True)
+        return _tiny_onnx(folder)
+    return TorchModel(tiny_mlp(), input_names=["x"])
+
+
+def _check_run(pass_class: type, config: Any, kind: str, artifact: Any, folder: Path) -> None:
+    """Run the pass on `artifact`; it must succeed and give a model of the declared kind that runs."""
+    import logging
+
+    from optitool.execution import Executor
+    from optitool.passes import PassContext
+
+    instance = pass_class(config)
+    instance.check(kind)
+    stage_dir = folder / "stage"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    inputs = contract_inputs()
+    ctx = PassContext(device="cpu", seed=0, run_dir=folder, stage_dir=stage_dir, inputs=inputs,
+                      logger=logging.getLogger("optitool.contract"), quiet=True, pass_name=pass_class.name)
+    try:
+        result = instance.run(artifact, ctx)
+    except Exception as exc:  # noqa: BLE001 - any failure breaks the contract, a clear refusal included
+        raise AssertionError(f"{pass_class.name}: run() on a tiny {kind} model with train, validation, "
+                             f"calibration and eval data raised {type(exc).__name__}: {exc}") from exc
+    expected = instance.output_kind(kind)
+    assert getattr(result, "kind", None) == expected, (
+        f"{pass_class.name}: run() on a {kind} model returned {result!r}, not a {expected} model artifact")
+    batch = next(inputs.batches("eval", 4))
+    try:
+        Executor(result)(batch.inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise AssertionError(f"{pass_class.name}: the {expected} model run() returned does not run on the "
+                             f"inputs the original took: {type(exc).__name__}: {exc}") from exc
 
 
 @pytest.fixture

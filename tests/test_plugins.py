@@ -153,3 +153,95 @@ def test_a_stage_made_by_a_plugin_loader_reloads_through_that_plugin(tmp_path):
     without = get_plugin_manager(autoload=False).registry.loaders["stage"].obj
     with pytest.raises(optitool.ConfigError, match="'acme.zoo', a loader no plugin registers"):
         without.load(spec.model.model_copy(update={"source": "stage", "path": str(stage)}), tmp_path)
+
+
+def test_a_hook_with_a_wrong_signature_is_reported_by_name_and_the_rest_work():
+    def optitool_register_passes(reg):  # the spec names the argument `registry`
+        reg.add(Shrink)
+
+    module = plugin_module("wrong_signature", optitool_register_passes=optitool.hookimpl(optitool_register_passes))
+    with pytest.warns(UserWarning, match="wrong_signature"):
+        loaded = get_plugin_manager(autoload=False, modules=(module,))
+    info = next(i for i in loaded.infos if i.name == "wrong_signature")
+    assert "reg" in info.error and "does not match its specification" in info.error
+    assert "onnx_export" in loaded.registry.passes and "acme.shrink" not in loaded.registry.passes
+
+
+def test_a_plugin_whose_registration_fails_part_way_is_left_out_whole():
+    class Other(Shrink):
+        name = "acme.other"
+
+    def register(registry):
+        registry.add(Other)
+        raise RuntimeError("half done")
+
+    tracker = []
+    module = plugin_module("half_plugin", optitool_register_passes=optitool.hookimpl(register),
+                           optitool_report_written=optitool.hookimpl(lambda report, path: tracker.append(path)))
+    with pytest.warns(UserWarning, match="half done"):
+        loaded = get_plugin_manager(autoload=False, modules=(module,))
+    assert "acme.other" not in loaded.registry.passes
+    loaded.notify("optitool_report_written", report={}, path=Path("r.json"))
+    assert tracker == []  # its lifecycle hooks are gone too
+
+
+def test_lifecycle_hooks_are_called_the_way_pluggy_calls_them():
+    calls = []
+
+    def first(path):  # takes fewer arguments than the spec: legal in pluggy
+        calls.append(("first", path))
+
+    def last(report, path):
+        calls.append(("last", path))
+
+    def middle(report):
+        calls.append(("middle", len(report)))
+
+    def broken(report, path):
+        raise ValueError("tracker down")
+
+    modules = (plugin_module("p_last", optitool_report_written=optitool.hookimpl(trylast=True)(last)),
+               plugin_module("p_first", optitool_report_written=optitool.hookimpl(tryfirst=True)(first)),
+               plugin_module("p_broken", optitool_report_written=optitool.hookimpl(broken)),
+               plugin_module("p_middle", optitool_report_written=optitool.hookimpl(middle)))
+    loaded = get_plugin_manager(autoload=False, modules=modules)
+    with pytest.warns(UserWarning, match="p_broken.*tracker down"):
+        loaded.notify("optitool_report_written", report={"a": 1}, path=Path("r.json"))
+    assert calls == [("first", Path("r.json")), ("middle", 1), ("last", Path("r.json"))]
+    # the order pluggy itself uses, without the broken plugin
+    loaded.pm.unregister(name="p_broken")
+    calls.clear()
+    loaded.pm.hook.optitool_report_written(report={"a": 1}, path=Path("r.json"))
+    assert calls == [("first", Path("r.json")), ("middle", 1), ("last", Path("r.json"))]
+
+
+def test_registration_hooks_may_take_fewer_arguments():
+    seen = []
+    module = plugin_module("no_args", optitool_register_metrics=optitool.hookimpl(lambda: seen.append(1)))
+    loaded = get_plugin_manager(autoload=False, modules=(module,))
+    assert seen == [1] and not loaded.broken
+
+
+def test_cli_plugins_survives_a_broken_plugin_and_names_it(monkeypatch):
+    from click.testing import CliRunner
+
+    from optitool import plugins as plugins_module
+    from optitool.cli import cli
+
+    class FakeDist:
+        metadata = {"Name": "acme-broken"}
+        version = "0.1"
+
+    class FakeEntryPoint:
+        name, value, dist = "acme_broken", "acme_broken_mod", FakeDist()
+
+    def bad(reg):
+        pass
+
+    real = plugins_module.entry_points
+    monkeypatch.setattr(plugins_module, "entry_points", lambda group: [*real(group=group), FakeEntryPoint()])
+    monkeypatch.setitem(sys.modules, "acme_broken_mod", plugin_module(
+        "acme_broken_mod", optitool_register_passes=optitool.hookimpl(bad)))
+    result = CliRunner().invoke(cli, ["plugins"])
+    assert result.exit_code == 0, result.output
+    assert "acme_broken" in result.output and "BROKEN" in result.output and "magnitude_prune" in result.output

@@ -180,7 +180,7 @@ class OnnxLoader(Loader):
 
 
 class StageLoader(Loader):
-    """A stage saved by an earlier run (`01-magnitude_prune/`): rebuilt from its origin, then its weights."""
+    """A stage folder saved by an earlier run (`01-<stage>/`): rebuilt from its origin, then its weights."""
 
     name = "stage"
 
