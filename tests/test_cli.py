@@ -111,3 +111,51 @@ def test_relative_output_folder_with_onnx_passes(write, mlp_module, tmp_path, mo
     report = json.loads((tmp_path / "relative-run" / "report.json").read_text())
     assert [s["kind"] for s in report["stages"]] == ["torch", "onnx", "onnx"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".data", ".onnx")) == []
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ("benchmark.batch_sizes=[0]", "benchmark.batch_sizes[0]"),
+    ("benchmark.sequence_lengths=[-16]", "benchmark.sequence_lengths[0]"),
+    ("benchmark.batch_sizes=[]", "benchmark.batch_sizes"),
+    ('benchmark.stages=["prune"]', "[benchmark].stages names 'prune', which is not a stage"),
+    ('budget.stage="prune"', "[budget].stage names 'prune'"),
+    ('output.dir="runs/{nme}"', "unknown placeholder {nme}"),
+    ('model.inputs.x=["batch", 0]', "at least 1"),
+])
+def test_configuration_errors_are_found_by_validate(mlp_pipeline, tmp_path, setting, fragment):
+    for command in (["validate", str(mlp_pipeline)], ["run", str(mlp_pipeline), "-o", str(tmp_path / "out")]):
+        result = CliRunner().invoke(cli, [*command, "--set", setting])
+        assert result.exit_code == 2, result.output
+        assert fragment in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_that_is_a_file_or_lies_under_one_is_refused_by_validate(mlp_pipeline, tmp_path):
+    afile = tmp_path / "report.txt"
+    afile.write_text("keep me")
+    for output in (afile, afile / "run"):
+        for command in ("validate", "run"):
+            result = CliRunner().invoke(cli, [command, str(mlp_pipeline), "--output", str(output)])
+            assert result.exit_code == 2 and "file" in result.output, result.output
+    assert afile.read_text() == "keep me"
+
+
+def test_a_folder_given_as_the_pipeline_is_named_as_a_folder(tmp_path):
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output
+
+
+def test_a_model_that_cannot_take_its_declared_inputs_names_the_key(write, mlp_module, tmp_path):
+    pipeline = write("p.toml", MLP_PIPELINE.replace('x = ["batch", 16]', 'x = ["batch", 7]'))
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "[model.inputs]" in result.output and "x: [16, 7]" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_failing_data_function_names_the_key(write, mlp_module, tmp_path):
+    (tmp_path / "failingdata.py").write_text("def rows():\n    raise OSError('disk gone')\n")
+    pipeline = write("p.toml", MLP_PIPELINE + '[data]\nsource = "python"\nfunction = "failingdata:rows"\n')
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "[data].function = 'failingdata:rows' raised OSError: disk gone" in result.output
+    assert not (tmp_path / "out").exists()

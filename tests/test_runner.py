@@ -43,11 +43,21 @@ def test_earlier_stages_are_not_changed_by_later_passes(tmp_path):
     assert float((baseline[0].weight == 0).float().mean()) < 0.05
 
 
-def test_seeded_runs_are_reproducible(tmp_path):
-    snippet = MLP + '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n'
-    a = run_snippet(snippet, tmp_path / "a").report["stages"][1]["metrics"]
-    b = run_snippet(snippet, tmp_path / "b").report["stages"][1]["metrics"]
-    assert a["fidelity"] == b["fidelity"] and a["nonzero_parameters"] == b["nonzero_parameters"]
+def test_seeded_runs_are_reproducible(tmp_path, optitool_tiny_bert, optitool_text_folder):
+    """The seed decides everything random in a run: a new head's initial weights, dropout, the order of
+    training batches. Same seed, same numbers; another seed, other numbers (so the seed is really used)."""
+    def run(seed: int, folder: str) -> dict:
+        snippet = (f'seed = {seed}\n[model]\nsource = "hf"\npath = "{optitool_tiny_bert}"\n'
+                   'task = "text-classification"\nnum_labels = 3\nmax_length = 16\n'
+                   f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\n'
+                   'splits = { train = 0.5, eval = 0.3 }\n'
+                   '[[passes]]\npass = "distill"\nalpha = 0\nmax_steps = 3\nbatch_size = 4\nkeep_best = false\n')
+        return run_snippet(snippet, tmp_path / folder).report["stages"][1]["metrics"]
+
+    a, b, other = run(7, "a"), run(7, "b"), run(8, "c")
+    assert a["distill_loss_first"] == b["distill_loss_first"] and a["distill_loss_last"] == b["distill_loss_last"]
+    assert a["accuracy"] == b["accuracy"]
+    assert other["distill_loss_first"] != a["distill_loss_first"]
 
 
 class Explodes(optitool.Pass):
@@ -143,3 +153,120 @@ def test_an_onnx_model_file_runs_through_onnx_passes(tmp_path):
     report = run_snippet(snippet, tmp_path).report
     assert report["stages"][0]["origin"]["path"] == str((tmp_path / "m.onnx").resolve())
     assert report["stages"][1]["kind"] == "onnx" and report["stages"][1]["metrics"]["fidelity"] > 0.98
+
+
+def _readme_plugin() -> types.ModuleType:
+    """The plugin printed in README.md, exactly as printed."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Writing a plugin"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    module = types.ModuleType("readme_plugin")
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    return module
+
+
+def test_the_readme_plugin_runs_as_printed_and_its_half_model_is_evaluated_and_benchmarked(tmp_path):
+    snippet = MLP + ('[[passes]]\npass = "acme.half"\n[benchmark]\nbatch_sizes = [2]\nwarmup = 1\n'
+                     'min_iterations = 3\nmax_iterations = 3\nmin_seconds = 0\nmemory = false\n')
+    report = run_snippet(snippet, tmp_path, plugins=(_readme_plugin(),), benchmark=True).report
+    stage = report["stages"][1]
+    assert stage["metrics"]["fidelity"] > 0.999  # float16 weights, evaluated on float16 inputs
+    assert stage["benchmarks"][0]["iterations"] == 3
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    from optitool.atomic import FolderLock
+
+    with FolderLock(tmp_path / "run"):
+        with pytest.raises(RunError, match=r"another optitool run \(pid \d+\) is writing to"):
+            run_snippet(MLP, tmp_path)
+    assert not (tmp_path / "run").exists()
+    assert run_snippet(MLP, tmp_path).report["status"] == "finished"  # the lock went with its owner
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".run.optitool-lock").write_text(dead.stdout.strip())
+    assert run_snippet(MLP, tmp_path).report["status"] == "finished"
+    assert not (tmp_path / ".run.optitool-lock").exists()
+
+
+def test_two_concurrent_cli_runs_on_one_folder_do_not_mix(tmp_path):
+    """Two `optitool run` at once into one folder: the second refuses and writes nothing there."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "slowzoo.py").write_text("import time\nfrom optitool.testing import tiny_mlp\n"
+                                         "def make():\n    time.sleep(5)\n    return tiny_mlp()\n")
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(MLP.replace("optitool.testing:tiny_mlp", "slowzoo:make")
+                        + '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n[benchmark]\nenabled = false\n')
+    command = [sys.executable, "-m", "optitool.cli", "run", str(pipeline), "-o", str(tmp_path / "out"),
+               "--overwrite", "--quiet"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / ".out.optitool-lock"
+    deadline = time.monotonic() + 60
+    while not lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run(command, capture_output=True, text=True)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert second.returncode == 1 and f"another optitool run (pid {first.pid})" in second.stderr
+    report = __import__("json").loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "finished" and [s["name"] for s in report["stages"]] == ["baseline", "magnitude_prune"]
+    assert not lock.exists()
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pipeline = tmp_path / "p.toml"  # the second pass waits inside its stage until the signal comes
+    pipeline.write_text(MLP + '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n'
+                        '[[passes]]\npass = "acme.wait"\n[benchmark]\nenabled = false\n')
+    (tmp_path / "acme_wait.py").write_text(
+        "import time\nimport optitool\n"
+        "class Wait(optitool.Pass):\n    name = 'acme.wait'\n    takes = 'torch'\n    gives = 'torch'\n"
+        "    def run(self, model, ctx):\n        (ctx.stage_dir / 'half.bin').write_bytes(b'x')\n"
+        "        time.sleep(120)\n        return model\n"
+        "@optitool.hookimpl\ndef optitool_register_passes(registry):\n    registry.add(Wait)\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import acme_wait; from optitool import plugins; "
+            "real = plugins.get_plugin_manager; "
+            "plugins.get_plugin_manager = lambda **kw: real(**{**kw, 'modules': (acme_wait,)}); "
+            "from optitool.cli import cli; cli(sys.argv[2:], prog_name='optitool')")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "run", str(pipeline), "-o",
+                             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob(".02-acme.wait.*.partial/half.bin")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "interrupted" and [s["name"] for s in report["stages"]] == ["baseline", "magnitude_prune"]
+    assert not list((tmp_path / "out").glob(".*partial")) and not (tmp_path / "out" / "02-acme.wait").exists()
+
+
+def test_run_folders_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        run = run_snippet(MLP + '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n', tmp_path).run_dir
+    finally:
+        os.umask(old)
+    for path in (run / "report.json", run / "01-magnitude_prune" / "stage.json", run / "01-magnitude_prune"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))

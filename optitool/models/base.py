@@ -97,13 +97,14 @@ def apply_checkpoint(module: Any, path: Path) -> None:
 def check_fits(module: Any, state: dict[str, Any], what: str) -> None:
     """Raise a ConfigError naming the first tensor of `state` that does not fit `module`."""
     own = module.state_dict()
-    for key, tensor in state.items():
-        if key not in own:
-            raise ConfigError(f"{what} does not fit the model: it has a tensor {key!r} the model does not have "
-                              f"({len(set(state) - set(own))} such tensors)")
-        if tuple(own[key].shape) != tuple(tensor.shape):
-            raise ConfigError(f"{what} does not fit the model: tensor {key!r} has shape {list(tensor.shape)} "
-                              f"in the checkpoint but {list(own[key].shape)} in the model")
+    for key, tensor in own.items():  # in the model's order, so "the first" means the first layer
+        if key in state and tuple(state[key].shape) != tuple(tensor.shape):
+            raise ConfigError(f"{what} does not fit the model: tensor {key!r} has shape {list(state[key].shape)} "
+                              f"in the checkpoint but {list(tensor.shape)} in the model")
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise ConfigError(f"{what} does not fit the model: it has {len(unexpected)} tensors the model does not "
+                          f"have (the first: {unexpected[0]!r})")
     parameters = {name for name, _ in module.named_parameters()}
     missing = sorted(parameters - set(state))
     if missing:

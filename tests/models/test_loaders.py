@@ -97,3 +97,83 @@ def test_missing_paths_are_config_errors(tmp_path):
     for source in ("torchscript", "onnx", "exported_program", "stage"):
         with pytest.raises(ConfigError, match="does not exist"):
             load(source, tmp_path, path="nothing-here")
+
+
+def test_a_checkpoint_of_a_wider_model_is_refused_naming_the_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "zoo.py").write_text("from optitool.testing import tiny_mlp as make\n")
+    save_file(tiny_mlp(hidden=64).state_dict(), str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ConfigError) as caught:
+        load("python", tmp_path, factory="zoo:make", checkpoint="wide.safetensors")
+    message = str(caught.value)
+    assert "wide.safetensors" in message and "'0.weight' has shape [64, 16] in the checkpoint but [32, 16]" in message
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_corrupt_safetensors_checkpoint_names_the_file(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    (tmp_path / "zoo.py").write_text("from optitool.testing import tiny_mlp as make\n")
+    path = tmp_path / "w.safetensors"
+    save_file(tiny_mlp().state_dict(), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 50)
+    with pytest.raises(ConfigError, match=r"checkpoint .*w\.safetensors could not be read: .*corrupt"):
+        load("python", tmp_path, factory="zoo:make", checkpoint="w.safetensors")
+
+
+def test_a_truncated_onnx_file_names_the_file(tmp_path):
+    torch.onnx.export(tiny_mlp().eval(), (torch.randn(2, 16),), str(tmp_path / "m.onnx"), input_names=["x"],
+                      dynamo=False)
+    data = (tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "m.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ConfigError, match=r"ONNX file .*m\.onnx could not be read"):
+        load("onnx", tmp_path, path="m.onnx")
+
+
+def test_a_hugging_face_folder_with_pickled_objects_is_refused_without_unsafe_advice(tmp_path, optitool_tiny_bert):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    for weights in optitool_tiny_bert.glob("*.safetensors"):
+        weights.unlink()
+    (optitool_tiny_bert / "pytorch_model.bin").write_bytes(pickle.dumps({"bert.embeddings": Evil()}))
+    with pytest.raises(ConfigError) as caught:
+        load("hf", tmp_path, path=str(optitool_tiny_bert))
+    message = str(caught.value)
+    assert "pytorch_model.bin" in message and "never unpickles" in message
+    assert "weights_only=False" not in message
+
+
+def test_a_corrupt_hugging_face_weights_file_names_the_file(tmp_path, optitool_tiny_bert):
+    weights = next(optitool_tiny_bert.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=rf"{weights.name} could not be read"):
+        load("hf", tmp_path, path=str(optitool_tiny_bert))
+
+
+def test_a_shallow_and_narrower_stage_reloads_from_its_recorded_structure(tmp_path):
+    """Reloading must not depend on reshaping layers to fit a state dict: the stage records its structure."""
+    import json
+
+    from optitool.models.store import save_artifact
+    from optitool.spec import ModelSpec as Spec
+
+    (tmp_path / "listzoo.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(4)]),"
+        " torch.nn.Linear(8, 3))\n")
+    artifact = load("python", tmp_path, factory="listzoo:make")
+    module = artifact.module
+    del module[0][2:]  # a shallower copy keeps two layers
+    module[1] = torch.nn.Linear(8, 2)  # and a narrower head
+    save_artifact(artifact, tmp_path / "stage")
+    meta = json.loads((tmp_path / "stage" / "model.json").read_text())
+    assert meta["structure"]["layer_lists"] == {"0": 2} and meta["structure"]["weights"]["1"] == [2, 8]
+    again = LOADERS["stage"].load(Spec(source="stage", path=str(tmp_path / "stage")), tmp_path)
+    assert len(again.module[0]) == 2 and again.module[1].weight.shape == (2, 8)
+    assert torch.equal(again.module[1].weight, module[1].weight)

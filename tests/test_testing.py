@@ -1,0 +1,56 @@
+"""optitool.testing: the contract check must be able to fail, for the reasons it names."""
+
+from __future__ import annotations
+
+import pytest
+from optitool_distill.distill import Distill
+
+import optitool
+from optitool.testing import check_pass_contract
+
+
+class AlwaysRaises(optitool.Pass):
+    name = "acme.raises"
+    takes = "torch"
+    gives = "torch"
+
+    def run(self, model, ctx):
+        raise optitool.PassError("this pass refuses everything")
+
+
+class ReturnsNone(Distill):
+    name = "acme.distill_none"
+
+    def run(self, model, ctx):
+        super().run(model, ctx)
+        return None
+
+
+class ForgetsItsKind(optitool.Pass):
+    name = "acme.forgets"
+    takes = ("torch", "onnx")
+    gives = "same"
+
+    def run(self, model, ctx):
+        from optitool.testing import tiny_mlp
+
+        return optitool.TorchModel(tiny_mlp())  # an ONNX model in, a torch model out
+
+
+def test_a_pass_whose_run_always_raises_breaks_the_contract(tmp_path):
+    with pytest.raises(AssertionError, match="raised PassError: this pass refuses everything"):
+        check_pass_contract(AlwaysRaises, tmp_path=tmp_path)
+
+
+def test_distill_returning_none_breaks_the_contract(tmp_path):
+    with pytest.raises(AssertionError, match="returned None, not a torch model artifact"):
+        check_pass_contract(ReturnsNone, settings={"max_steps": 1}, tmp_path=tmp_path)
+
+
+def test_every_kind_a_pass_takes_is_checked(tmp_path):
+    with pytest.raises(AssertionError, match="on a onnx model returned"):
+        check_pass_contract(ForgetsItsKind, tmp_path=tmp_path)
+
+
+def test_the_builtins_keep_the_contract_with_the_data_it_gives(tmp_path):
+    check_pass_contract(Distill, settings={"alpha": 0, "max_steps": 2}, tmp_path=tmp_path)  # needs labels
