@@ -18,6 +18,7 @@ from optitool.execution import Executor, call_module, inputs_for, main_output, p
 from optitool.metrics import Evaluation
 from optitool.models.base import Loader
 from optitool.models.onnx_files import copy_onnx, save_onnx
+from optitool.models.store import parameter_counts
 from optitool.passes import Pass, PassConfig, PassContext
 from optitool.registry import PluginRegistry
 from optitool.spec import InputSpec, ModelSpec
@@ -53,6 +54,7 @@ __all__ = [
     "hookimpl",
     "inputs_for",
     "main_output",
+    "parameter_counts",
     "pooled",
     "save_onnx",
 ]

@@ -122,10 +122,11 @@ def _spec(ctx: click.Context, pipeline: str, overrides: tuple[str, ...], output:
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--no-benchmark", is_flag=True, help="Skip the benchmark (evaluation still runs).")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the final verdict.")
+@click.option("--verbose", "-v", is_flag=True, help="Let libraries print to the terminal (otherwise: run.log).")
 @click.pass_context
 @handled
 def run(ctx: click.Context, pipeline: str, output: str | None, device: str, overrides: tuple[str, ...],
-        overwrite: bool, no_benchmark: bool, quiet: bool) -> None:
+        overwrite: bool, no_benchmark: bool, quiet: bool, verbose: bool) -> None:
     """Run PIPELINE: load the model, run the passes, evaluate, benchmark, write the report."""
     from optitool.report.table import budget_lines, terminal_table
     from optitool.runner import Runner, prepare_run_dir
@@ -133,7 +134,7 @@ def run(ctx: click.Context, pipeline: str, output: str | None, device: str, over
     plugins, spec, _ = _spec(ctx, pipeline, overrides, output)
     run_dir = prepare_run_dir(spec, output, overwrite)
     result = Runner(spec, plugins, run_dir, device=device, overwrite=overwrite, quiet=quiet,
-                    benchmark=not no_benchmark).run()
+                    benchmark=not no_benchmark, verbose=verbose).run()
     report = result.report
     if not quiet:
         click.echo("\n" + terminal_table(report))
@@ -278,26 +279,21 @@ def _percent(text: str) -> float:
 @click.option("--max-metric-drop", type=float, default=0.01, show_default=True,
               help="Absolute drop allowed in accuracy, fidelity, macro F1 or top-1 agreement.")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table (for $GITHUB_STEP_SUMMARY).")
+@click.option("--allow-missing", is_flag=True,
+              help="Do not fail when a measurement of BASE is missing from NEW (they are listed either way).")
 @click.pass_context
 @handled
 def compare(ctx: click.Context, base: str, new: str, max_regression: str, max_metric_drop: float,
-            markdown: bool) -> None:
-    """Compare two report.json files; exit 1 when NEW regresses beyond the threshold and the noise."""
-    from optitool.compare import compare_reports, render
+            markdown: bool, allow_missing: bool) -> None:
+    """Compare two reports; exit 1 when NEW regresses beyond the threshold and the noise, or lacks a
+    measurement BASE has; exit 2 when either file is not an optitool report."""
+    from optitool.compare import compare_reports, read_report, render
 
-    reports = []
-    for path in (base, new):
-        file = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
-        if not file.is_file():
-            raise ConfigError(f"{path}: no report.json there")
-        try:
-            reports.append(json.loads(file.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{file} is not valid JSON: {exc}") from None
+    reports = [read_report(Path(path)) for path in (base, new)]
     result = compare_reports(reports[0], reports[1], max_regression=_percent(max_regression),
-                             max_metric_drop=max_metric_drop)
+                             max_metric_drop=max_metric_drop, allow_missing=allow_missing)
     click.echo(render(result, markdown=markdown))
-    if result["regressions"]:
+    if result["failed"]:
         sys.exit(EXIT_FAILED)
 
 

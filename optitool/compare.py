@@ -1,79 +1,130 @@
-"""Compare two reports stage by stage and shape by shape, separating regressions from noise.
+"""Compare two reports stage by stage and shape by shape, separating regressions from noise. A CI gate, so
+it fails closed: what it cannot compare is listed, and a file that is not an optitool report is refused.
 
-A latency regression is reported only when BOTH hold: the slowdown (median new / median base) is above
-the threshold and above twice either run's relative standard deviation (the drift a shared machine shows
-between runs), and its 95 % percentile-bootstrap interval (both samples resampled) lies entirely above 1, so the
-difference is larger than the noise the two samples show. Quality metrics regress when they drop
-by more than `max_metric_drop` (absolute); artifact size and peak memory (one measurement each, so no
-interval) when they grow by more than the threshold.
+A latency regression is reported only when ALL hold: the slowdown (median new / median base) is above the
+threshold; it is above DRIFT_FACTOR times either run's robust relative spread (scaled MAD / median: the
+drift a shared machine shows between separate runs, measured in benchmarks/results/bench_repeatability.md,
+and blind to a few descheduling spikes, which the standard deviation is not); and its 95 % bootstrap
+interval (both samples resampled) lies entirely above 1. Quality metrics regress when they drop by more
+than `max_metric_drop` (absolute); artifact size and peak memory (one measurement each, so no interval)
+when they grow by more than the threshold. A measurement the base has and the new report lacks is
+`missing`, which fails the comparison too unless missing ones are allowed.
 """
 
 from __future__ import annotations
 
-import statistics
+import json
+from pathlib import Path
 from typing import Any
 
 from optitool.bench.memory import peak_mb
-from optitool.bench.stats import speedup_interval
+from optitool.bench.stats import relative_spread, speedup_interval, spikes
+from optitool.errors import ConfigError
 from optitool.report.table import markdown_table
 
 QUALITY = ("accuracy", "fidelity", "macro_f1", "top1_agreement")
-DRIFT_FACTOR = 2.0
+KNOWN_SCHEMA_VERSIONS = (1,)
+# Back-to-back runs of the embedded default on this project's 2-core VM drifted by up to this many times
+# one run's relative MAD (benchmarks/results/bench_repeatability.md); a change within it is not called real.
+DRIFT_FACTOR = 3.0
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """An optitool report from a file or a run folder, or a ConfigError saying why it is not one."""
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"{path}: no report.json there")
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(report, dict) or "schema_version" not in report or not isinstance(report.get("stages"), list):
+        raise ConfigError(f"{file} is not an optitool report (no schema_version and stages); compare takes the "
+                          "report.json of `optitool run` or the -o output of `optitool bench`")
+    if report["schema_version"] not in KNOWN_SCHEMA_VERSIONS:
+        raise ConfigError(f"{file} has report schema version {report['schema_version']!r}; this optitool reads "
+                          f"{', '.join(map(str, KNOWN_SCHEMA_VERSIONS))}: compare it with the optitool that wrote it")
+    for i, stage in enumerate(report["stages"]):
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str):
+            raise ConfigError(f"{file}: stages[{i}] has no name; the file is damaged or not an optitool report")
+    return report
+
+
+def _latency_row(stage: str, ref: dict[str, Any], new: dict[str, Any], max_regression: float) -> dict[str, Any]:
+    # speedup_interval(new, base) = median(new) / median(base): above 1 means slower now.
+    slow = speedup_interval(new["samples_ms"], ref["samples_ms"])
+    change = slow.ratio - 1
+    floor = max(max_regression, DRIFT_FACTOR * relative_spread(ref["samples_ms"]),
+                DRIFT_FACTOR * relative_spread(new["samples_ms"]))
+    regressed = slow.low > 1.0 and change > floor
+    improved = slow.high < 1.0 and -change > floor
+    return {"stage": stage, "what": f"latency {new['runtime']} {new['shape']}", "base": ref["median_ms"],
+            "new": new["median_ms"], "change": change, "noise_floor": floor, "interval": [slow.low - 1, slow.high - 1],
+            "spikes": [spikes(ref["samples_ms"]), spikes(new["samples_ms"])],
+            "verdict": "regression" if regressed else "improvement" if improved else "unchanged"}
+
+
+def _growth_row(stage: str, what: str, old: float, new: float, limit: float) -> dict[str, Any]:
+    grew = new / old - 1
+    return {"stage": stage, "what": what, "base": old, "new": new, "change": grew,
+            "verdict": "regression" if grew > limit else "unchanged"}
+
+
+def _absent(stage: str, what: str, verdict: str, detail: str) -> dict[str, Any]:
+    return {"stage": stage, "what": what, "verdict": verdict, "detail": detail}
+
+
+def _compare_stage(old: dict[str, Any], stage: dict[str, Any], max_regression: float,
+                   max_metric_drop: float) -> list[dict[str, Any]]:
+    name, rows = stage["name"], []
+    old_bench = {(b["runtime"], b["shape"]): b for b in old.get("benchmarks", []) if b.get("samples_ms")}
+    new_bench = {(b["runtime"], b["shape"]): b for b in stage.get("benchmarks", []) if b.get("samples_ms")}
+    for key, ref in old_bench.items():
+        b = new_bench.get(key)
+        if b is None:
+            rows.append(_absent(name, f"latency {key[0]} {key[1]}", "missing", "measured in the base, not in the new"))
+            continue
+        rows.append(_latency_row(name, ref, b, max_regression))
+        old_mem, new_mem = peak_mb(ref), peak_mb(b)
+        if old_mem and new_mem:  # one measurement each, in a fresh process: no spread to test against
+            rows.append(_growth_row(name, f"peak memory MB {key[0]} {key[1]}", old_mem, new_mem, max_regression))
+    rows += [_absent(name, f"latency {k[0]} {k[1]}", "new", "not in the base") for k in new_bench if k not in old_bench]
+    old_size, new_size = old.get("metrics", {}).get("size_bytes"), stage.get("metrics", {}).get("size_bytes")
+    if old_size and new_size:
+        rows.append(_growth_row(name, "size MB", old_size / 1e6, new_size / 1e6, max_regression))
+    for key in QUALITY:
+        a, b2 = old.get("metrics", {}).get(key), stage.get("metrics", {}).get(key)
+        if a is None:
+            continue
+        if b2 is None:
+            rows.append(_absent(name, key, "missing", "measured in the base, not in the new"))
+            continue
+        drop = a - b2
+        rows.append({"stage": name, "what": key, "base": a, "new": b2, "change": -drop,
+                     "verdict": "regression" if drop > max_metric_drop else "unchanged"})
+    return rows
 
 
 def compare_reports(base: dict[str, Any], new: dict[str, Any], *, max_regression: float = 0.05,
-                    max_metric_drop: float = 0.01) -> dict[str, Any]:
+                    max_metric_drop: float = 0.01, allow_missing: bool = False) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     base_stages = {s["name"]: s for s in base.get("stages", [])}
+    new_names = {s["name"] for s in new.get("stages", [])}
     for stage in new.get("stages", []):
         old = base_stages.get(stage["name"])
         if old is None:
-            rows.append({"stage": stage["name"], "what": "stage", "verdict": "new", "detail": "not in the base report"})
+            rows.append(_absent(stage["name"], "stage", "new", "not in the base report"))
             continue
-        old_bench = {(b["runtime"], b["shape"]): b for b in old.get("benchmarks", [])}
-        for b in stage.get("benchmarks", []):
-            ref = old_bench.get((b["runtime"], b["shape"]))
-            if ref is None or not ref.get("samples_ms") or not b.get("samples_ms"):
-                continue
-            # speedup_interval(new, base) = median(new) / median(base): above 1 means slower now.
-            slow = speedup_interval(b["samples_ms"], ref["samples_ms"])
-            change = slow.ratio - 1
-            # The bootstrap interval sees only the noise within each run; a shared machine also drifts
-            # between runs. Back-to-back identical runs here differed by 1.75x one run's relative standard
-            # deviation (benchmarks/results/bench_repeatability.md), so a change has to exceed twice either
-            # run's relative standard deviation too, whatever the interval says.
-            floor = max(max_regression, DRIFT_FACTOR * _relative_spread(ref["samples_ms"]),
-                        DRIFT_FACTOR * _relative_spread(b["samples_ms"]))
-            regressed = slow.low > 1.0 and change > floor
-            improved = slow.high < 1.0 and -change > floor
-            rows.append({"stage": stage["name"], "what": f"latency {b['runtime']} {b['shape']}",
-                         "base": ref["median_ms"], "new": b["median_ms"], "change": change, "noise_floor": floor,
-                         "interval": [slow.low - 1, slow.high - 1],
-                         "verdict": "regression" if regressed else "improvement" if improved else "unchanged"})
-            old_mem, new_mem = peak_mb(ref), peak_mb(b)
-            if old_mem and new_mem:  # one measurement each, in a fresh process: no spread to test against
-                grew = new_mem / old_mem - 1
-                rows.append({"stage": stage["name"], "what": f"peak memory MB {b['runtime']} {b['shape']}",
-                             "base": old_mem, "new": new_mem, "change": grew,
-                             "verdict": "regression" if grew > max_regression else "unchanged"})
-        old_size, new_size = old.get("metrics", {}).get("size_bytes"), stage.get("metrics", {}).get("size_bytes")
-        if old_size and new_size:
-            grew = new_size / old_size - 1
-            rows.append({"stage": stage["name"], "what": "size MB", "base": old_size / 1e6, "new": new_size / 1e6,
-                         "change": grew, "verdict": "regression" if grew > max_regression else "unchanged"})
-        for key in QUALITY:
-            a, b2 = old.get("metrics", {}).get(key), stage.get("metrics", {}).get(key)
-            if a is None or b2 is None:
-                continue
-            drop = a - b2
-            rows.append({"stage": stage["name"], "what": key, "base": a, "new": b2, "change": -drop,
-                         "verdict": "regression" if drop > max_metric_drop else "unchanged"})
-    return {"regressions": sum(r["verdict"] == "regression" for r in rows), "rows": rows,
-            "max_regression": max_regression, "max_metric_drop": max_metric_drop}
-
-
-def _relative_spread(samples: list[float]) -> float:
-    return statistics.stdev(samples) / statistics.median(samples) if len(samples) > 1 else 0.0
+        rows += _compare_stage(old, stage, max_regression, max_metric_drop)
+    rows += [_absent(name, "stage", "missing", "in the base report, not in the new")
+             for name in base_stages if name not in new_names]
+    if not any(r["stage"] in base_stages and r["stage"] in new_names for r in rows):
+        raise ConfigError("the two reports have no stage in common (by name), so nothing can be compared")
+    missing = sum(r["verdict"] == "missing" for r in rows)
+    regressions = sum(r["verdict"] == "regression" for r in rows)
+    return {"regressions": regressions, "missing": missing, "rows": rows, "max_regression": max_regression,
+            "max_metric_drop": max_metric_drop, "allow_missing": allow_missing,
+            "failed": bool(regressions or (missing and not allow_missing))}
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
@@ -84,16 +135,23 @@ def _cells(row: dict[str, Any]) -> list[str]:
     interval = row.get("interval")
     return [row["stage"], row["what"], num(row.get("base")), num(row.get("new")),
             "-" if change is None else f"{change:+.1%}",
-            "-" if not interval else f"{interval[0]:+.1%} … {interval[1]:+.1%}", row["verdict"]]
+            "-" if not interval else f"{interval[0]:+.1%} … {interval[1]:+.1%}",
+            "-" if "noise_floor" not in row else f"{row['noise_floor']:.1%}", row["verdict"]]
 
 
-HEADER = ["stage", "measure", "base", "new", "change", "95% interval", "verdict"]
+HEADER = ["stage", "measure", "base", "new", "change", "95% interval", "noise floor", "verdict"]
 
 
 def render(result: dict[str, Any], *, markdown: bool) -> str:
     rows = [_cells(r) for r in result["rows"]]
     summary = (f"{result['regressions']} regression(s) beyond {result['max_regression']:.0%} latency "
                f"(and outside the noise) or {result['max_metric_drop']} quality")
+    if result["missing"]:
+        missing = [f"{r['stage']}: {r['what']}" for r in result["rows"] if r["verdict"] == "missing"]
+        summary += (f"; {result['missing']} measurement(s) of the base missing from the new report "
+                    f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''})"
+                    + (" (allowed)" if result["allow_missing"] else ": the comparison fails; pass "
+                       "--allow-missing when that is intended"))
     if markdown:
         return markdown_table(HEADER, rows) + "\n\n" + summary + "\n"
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADER)]

@@ -65,29 +65,36 @@ class Pass:
 
 
 class Progress:
-    """A minimal progress reporter: a pass calls `update(n, **postfix)`; the CLI decides how it is shown."""
+    """A progress bar for a pass's long loop: a pass calls `update(n, **postfix)`; it is drawn (with rich)
+    on the run's console when there is one, and the last figures are logged either way."""
 
-    def __init__(self, total: int | None, desc: str, *, quiet: bool) -> None:
-        self._bar = None
+    def __init__(self, total: int | None, desc: str, *, console: Any = None, logger: logging.Logger | None = None) -> None:
         self.total, self.desc, self.count = total, desc, 0
-        if not quiet:
-            try:
-                from tqdm.auto import tqdm
+        self._postfix: dict[str, Any] = {}
+        self._logger = logger
+        self._bar: Any = None
+        if console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-                self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-            except ImportError:  # tqdm is optional; the log still gets the numbers
-                self._bar = None
+            self._bar = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[postfix]}"), console=console,
+                                 transient=True)
+            self._task = self._bar.add_task(desc, total=total, postfix="")
+            self._bar.start()
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         self.count += n
+        self._postfix = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}
         if self._bar is not None:
-            self._bar.update(n)
-            if postfix:
-                self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()})
+            text = " ".join(f"{k}={v}" for k, v in self._postfix.items())
+            self._bar.update(self._task, advance=n, postfix=text)
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.close()
+            self._bar.stop()
+            self._bar = None
+        if self._logger is not None:
+            self._logger.info("%s: %d/%s %s", self.desc, self.count, self.total if self.total else "?", self._postfix)
 
     def __enter__(self) -> Progress:
         return self
@@ -118,13 +125,15 @@ class PassContext:
     stages: dict[str, ModelArtifact] = field(default_factory=dict)
     load_model: Callable[[dict[str, Any]], ModelArtifact] | None = None
     pass_name: str = ""
+    console: Any = None  # the run's terminal (rich), for progress bars; None when quiet
 
     def flag(self, message: str) -> None:
         """Something a reader of the report must see about this stage (shown with the stage's flags)."""
         self.flags.append(message)
 
     def progress(self, total: int | None, desc: str = "") -> Progress:
-        return Progress(total, desc or self.pass_name, quiet=self.quiet)
+        return Progress(total, desc or self.pass_name, console=None if self.quiet else self.console,
+                        logger=self.logger)
 
     def hand_on(self, key: str, value: Any, *, unless_taken: str) -> None:
         """Leave `value` for a later pass to `take(key)`; the run fails with `unless_taken` if none does

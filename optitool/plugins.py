@@ -196,7 +196,7 @@ def _load_one(pm: pluggy.PluginManager, name: str, target: Any, info: PluginInfo
     try:
         pm.register(module, name=name)
     except pluggy.PluginValidationError as exc:
-        return f"a hook does not match its specification: {exc}"
+        return f"a hook does not match its specification: {' '.join(str(exc).split())}"
     except Exception as exc:  # noqa: BLE001
         return f"registration failed: {type(exc).__name__}: {exc}"
     return None

@@ -118,9 +118,13 @@ def prepare_run_dir(spec: PipelineSpec, output: str | None, overwrite: bool) -> 
 
 class Runner:
     def __init__(self, spec: PipelineSpec, plugins: Plugins, run_dir: Path, *, device: str = "auto",
-                 overwrite: bool = False, quiet: bool = False, benchmark: bool = True) -> None:
+                 overwrite: bool = False, quiet: bool = False, benchmark: bool = True, verbose: bool = False) -> None:
+        from optitool.report.console import RunConsole
+
         self.spec, self.plugins, self.registry = spec, plugins, plugins.registry
         self.run_dir, self.overwrite, self.quiet, self.do_benchmark = run_dir, overwrite, quiet, benchmark
+        self.verbose = verbose
+        self.console = RunConsole(quiet=quiet)
         self.requested_device = device if device != "auto" else spec.benchmark.device
         self.log = logging.getLogger("optitool.run")
         self.stages: list[Stage] = []
@@ -151,29 +155,52 @@ class Runner:
         atomic.write_json(self.run_dir / "pipeline.resolved.json", self.spec.resolved())
         handler = logging.FileHandler(self.run_dir / "run.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger("optitool")
-        root.setLevel(logging.INFO)
-        root.addHandler(handler)
-        root.propagate = False  # the log file gets everything; the terminal only what the CLI prints
-        # (libraries such as onnxruntime's quantizer call logging.basicConfig, which would echo it all)
-        self._handler = handler
+        self._buffer.setTarget(handler)  # what was logged before the folder existed (model load, evaluation)
+        self._buffer.flush()
+        self._logger.removeHandler(self._buffer)
+        self._logger.addHandler(handler)
+        self._handlers.append(handler)
 
     # ------------------------------------------------------------------------------------------ the run
     def run(self) -> RunResult:
-        """Run the pipeline into the run folder, which no other optitool process may write meanwhile."""
-        with atomic.FolderLock(self.run_dir):
-            if not self.overwrite and self.run_dir.exists() and any(self.run_dir.iterdir()):
-                raise ConfigError(f"the run folder {self.run_dir} already exists; pass --overwrite to replace it "
-                                  "or --output to choose another")
-            return self._run()
+        """Run the pipeline into the run folder, which no other optitool process may write meanwhile.
+
+        Everything optitool and the libraries it drives log, print or warn goes to run.log (held in memory
+        until the folder exists); the terminal gets the run's progress lines only, unless verbose."""
+        from logging.handlers import MemoryHandler
+
+        from optitool.report.console import library_output_to_log
+
+        self._logger = logging.getLogger("optitool")
+        self._buffer = MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        self._handlers: list[logging.Handler] = [self._buffer]
+        saved = (self._logger.level, self._logger.propagate)
+        self._logger.setLevel(logging.INFO)
+        self._logger.addHandler(self._buffer)
+        self._logger.propagate = self.verbose  # libraries such as onnxruntime's quantizer call basicConfig
+        try:
+            with atomic.FolderLock(self.run_dir), \
+                    library_output_to_log(logging.getLogger("optitool.library"), verbose=self.verbose):
+                if not self.overwrite and self.run_dir.exists() and any(self.run_dir.iterdir()):
+                    raise ConfigError(f"the run folder {self.run_dir} already exists; pass --overwrite to replace "
+                                      "it or --output to choose another")
+                return self._run()
+        finally:
+            for handler in self._handlers:
+                self._logger.removeHandler(handler)
+                handler.close()
+            self._logger.setLevel(saved[0])
+            self._logger.propagate = saved[1]
 
     def _run(self) -> RunResult:
         from optitool.environment import describe
 
         device = resolve_device(self.requested_device)
         seed_everything(self.spec.seed)
-        baseline, inputs = self._load()
-        baseline_metrics = self._evaluate_baseline(baseline, inputs, device)  # may refuse the data: before any write
+        with self.console.step(f"loading the model ({self.spec.model.source}) and data"):
+            baseline, inputs = self._load()
+        with self.console.step("evaluating the baseline"):
+            baseline_metrics = self._evaluate_baseline(baseline, inputs, device)  # may refuse the data: no write yet
         self._open_run_dir()
         try:
             self.report = {"schema_version": SCHEMA_VERSION, "status": "running", "name": self.spec.name,
@@ -205,9 +232,6 @@ class Runner:
             raise
         finally:
             self._write_report()
-            logging.getLogger("optitool").removeHandler(self._handler)
-            logging.getLogger("optitool").propagate = True
-            self._handler.close()
 
     def _evaluate_baseline(self, baseline: ModelArtifact, inputs: Any, device: str) -> dict[str, Any]:
         from optitool.evaluation import eval_batches, evaluate
@@ -251,22 +275,26 @@ class Runner:
 
     def _run_pass(self, number: int, pass_spec: Any, model: ModelArtifact, inputs: Any,
                   device: str) -> ModelArtifact:
-        from optitool.evaluation import evaluate
-        from optitool.models.store import save_artifact, stage_metrics
-
         plugin = self.registry.passes[pass_spec.pass_name].plugin
         folder = self.run_dir / f"{number:02d}-{pass_spec.stage_name}"
         where = f"pass {pass_spec.pass_name!r} (plugin {plugin!r}, stage {pass_spec.stage_name!r})"
         self.log.info("running %s", where)
-        if not self.quiet:
-            print(f"[{number}/{len(self.spec.active_passes)}] {pass_spec.stage_name} ({pass_spec.pass_name})",
-                  flush=True)
+        with self.console.step(f"[{number}/{len(self.spec.active_passes)}] {pass_spec.stage_name} "
+                               f"({pass_spec.pass_name}): run, save, evaluate"):
+            return self._run_pass_here(pass_spec, model, inputs, device, plugin, folder, where)
+
+    def _run_pass_here(self, pass_spec: Any, model: ModelArtifact, inputs: Any, device: str, plugin: str,
+                       folder: Path, where: str) -> ModelArtifact:
+        from optitool.evaluation import evaluate
+        from optitool.models.store import save_artifact, stage_metrics
+
         instance = pass_spec.make(self.registry)
         with atomic.staging_dir(folder) as tmp:
             ctx = PassContext(device=device, seed=self.spec.seed, run_dir=self.run_dir, stage_dir=tmp,
                               inputs=inputs, logger=logging.getLogger(f"optitool.pass.{pass_spec.pass_name}"),
                               quiet=self.quiet, state=self._state, stages={s.name: s.artifact for s in self.stages},
-                              load_model=self._load_named, pass_name=pass_spec.pass_name)
+                              load_model=self._load_named, pass_name=pass_spec.pass_name,
+                              console=None if self.quiet else self.console.console)
             start = time.perf_counter()
             try:
                 with PeakMemory(device) as memory:
@@ -325,10 +353,13 @@ class Runner:
         wanted = self.spec.benchmark.stages
         targets = [BenchTarget(s.name, s.artifact, s.record, s.folder) for s in self.stages
                    if wanted == "all" or s.name in wanted]
-        if not self.quiet:
-            print(f"benchmarking {len(targets)} stages on {device} ...", flush=True)
+        def shape_done(done: int, total: int, shape: str) -> None:
+            self.console.say(f"  timed shape {shape} ({done}/{total})")
+
         try:
-            benchmark_targets(targets, self.spec.benchmark, self.registry, device, inputs, self.log)
+            with self.console.step(f"benchmarking {len(targets)} stages on {device}, interleaved"):
+                benchmark_targets(targets, self.spec.benchmark, self.registry, device, inputs, self.log,
+                                  progress=shape_done)
         except OptitoolError:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -25,7 +25,7 @@ def test_help_and_passes_do_not_import_torch():
 
 def test_passes_json_lists_builtins_with_kinds_and_schema():
     result = invoke("passes", "--json")
-    rows = {r["name"]: r for r in json.loads(result.output)}
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert rows["onnx_export"]["takes"] == ["torch"] and rows["onnx_export"]["gives"] == "onnx"
     assert rows["magnitude_prune"]["plugin"] == "prune"
     assert "sparsity" in rows["magnitude_prune"]["schema"]["properties"]
@@ -33,7 +33,7 @@ def test_passes_json_lists_builtins_with_kinds_and_schema():
 
 
 def test_passes_schema_of_one_pass():
-    schema = json.loads(invoke("passes", "--schema", "magnitude_prune").output)
+    schema = json.loads(invoke("passes", "--schema", "magnitude_prune").stdout)
     assert schema["additionalProperties"] is False
 
 

@@ -1,22 +1,30 @@
-"""Benchmark a list of stages side by side: each runtime and shape measured with the stages interleaved,
-then speedups over the parent and the baseline with bootstrap intervals, and memory in fresh processes."""
+"""Benchmark a list of stages side by side: for each shape, every stage on every runtime that takes it is
+timed in ONE interleaved loop (torch eager and onnxruntime alike), so every ratio optitool reports
+compares calls made seconds apart under the same machine load; then speedups over the parent and the
+baseline with bootstrap intervals, the machine's load during the loop, and memory in fresh processes."""
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from optitool.artifacts import ModelArtifact, TorchModel
+from optitool.bench.load import LoadMonitor
 from optitool.bench.memory import measure_in_subprocess
 from optitool.bench.stats import speedup_interval, summarize
 from optitool.bench.timing import measure_interleaved
 from optitool.data.inputs import InputSource
 from optitool.registry import Registry
+from optitool.spec import BenchmarkSpec
 
 ROTATING_INPUTS = 4
+# Called after each shape is measured: (shapes done, shapes in all, the shape just measured).
+ShapeProgress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -27,6 +35,19 @@ class BenchTarget:
     artifact: ModelArtifact
     record: dict[str, Any]
     folder: Path | None  # the saved stage, or None for the baseline (loaded from its origin)
+
+
+@dataclass
+class Candidate:
+    """One stage on one runtime: a participant of the interleaved loop."""
+
+    target: BenchTarget
+    runtime_name: str
+    runtime_cls: Any
+
+    @property
+    def key(self) -> str:
+        return f"{self.target.name} @ {self.runtime_name}"
 
 
 def _memory_job(target: BenchTarget, runtime: str, device: str, threads: int) -> dict[str, Any] | None:
@@ -41,56 +62,77 @@ def _memory_job(target: BenchTarget, runtime: str, device: str, threads: int) ->
     return None
 
 
-def benchmark_targets(targets: list[BenchTarget], spec: Any, registry: Registry, device: str, inputs: InputSource,
-                      log: logging.Logger) -> None:
-    threads = spec.threads or os.cpu_count() or 1
-    lengths: list[int | None] = list(spec.sequence_lengths) if inputs.is_text else [None]
+def candidates_for(targets: list[BenchTarget], spec: BenchmarkSpec, registry: Registry, device: str,
+                   log: logging.Logger) -> list[Candidate]:
+    """Every (stage, runtime) pair that can run here; a runtime that cannot is recorded on its stages."""
+    chosen = []
     for runtime_name in spec.runtimes:
         runtime_cls = registry.runtimes[runtime_name].obj
-        chosen = [t for t in targets if t.artifact.kind in runtime_cls.kinds]
-        if not chosen:
+        takers = [t for t in targets if t.artifact.kind in runtime_cls.kinds]
+        if not takers:
             continue
         reason = runtime_cls().unavailable(device)
         if reason:
-            for t in chosen:
+            for t in takers:
                 t.record.setdefault("benchmark_skipped", []).append({"runtime": runtime_name, "reason": reason})
             log.warning("runtime %s skipped on %s: %s", runtime_name, device, reason)
             continue
-        for batch_size in spec.batch_sizes:
-            for length in lengths:
-                _measure_shape(chosen, runtime_cls, runtime_name, spec, device, threads, inputs, batch_size,
-                               length, log)
+        chosen += [Candidate(t, runtime_name, runtime_cls) for t in takers]
+    return chosen
+
+
+def benchmark_targets(targets: list[BenchTarget], spec: BenchmarkSpec, registry: Registry, device: str,
+                      inputs: InputSource, log: logging.Logger, progress: ShapeProgress | None = None) -> None:
+    threads = spec.threads or os.cpu_count() or 1
+    lengths: list[int | None] = list(spec.sequence_lengths) if inputs.is_text else [None]
+    chosen = candidates_for(targets, spec, registry, device, log)
+    shapes = [(b, n) for b in spec.batch_sizes for n in lengths]
+    if chosen:
+        for done, (batch_size, length) in enumerate(shapes, start=1):
+            shape = _measure_shape(chosen, spec, device, threads, inputs, batch_size, length, log)
+            if progress is not None:
+                progress(done, len(shapes), shape)
     attach_speedups([t.record for t in targets])
 
 
-def _measure_shape(chosen: list[BenchTarget], runtime_cls: Any, runtime_name: str, spec: Any, device: str,
-                   threads: int, inputs: InputSource, batch_size: int, length: int | None,
-                   log: logging.Logger) -> None:
+def _measure_shape(chosen: list[Candidate], spec: BenchmarkSpec, device: str, threads: int, inputs: InputSource,
+                   batch_size: int, length: int | None, log: logging.Logger) -> str:
     feeds = [inputs.example(batch_size, length, index=i) for i in range(ROTATING_INPUTS)]
     shape = f"{batch_size}x{length}" if length else f"{batch_size}"
-    log.info("timing %s on %s (%s), shape %s: %s", runtime_name, device, threads, shape,
-             ", ".join(t.name for t in chosen))
-    runtimes = {t.name: runtime_cls() for t in chosen}
-    calls = {t.name: runtimes[t.name].prepare(t.artifact, device, threads) for t in chosen}
-    samples = measure_interleaved(calls, feeds, warmup=spec.warmup, min_iterations=spec.min_iterations,
-                                  max_iterations=spec.max_iterations, min_seconds=spec.min_seconds)
-    for t in chosen:
-        entry: dict[str, Any] = {"runtime": runtime_name, "device": device, "threads": threads,
+    log.info("timing shape %s on %s (%s threads), interleaved: %s", shape, device, threads,
+             ", ".join(c.key for c in chosen))
+    runtimes = {c.key: c.runtime_cls() for c in chosen}
+    calls = {c.key: runtimes[c.key].prepare(c.target.artifact, device, threads) for c in chosen}
+    with LoadMonitor() as monitor:
+        samples = measure_interleaved(calls, feeds, warmup=spec.warmup, min_iterations=spec.min_iterations,
+                                      max_iterations=spec.max_iterations, min_seconds=spec.min_seconds)
+    load = monitor.reading.as_dict() if monitor.reading else {}
+    loop = f"{shape}#{uuid.uuid4().hex[:8]}"  # the loop these samples came from: ratios only within one
+    for c in chosen:
+        entry: dict[str, Any] = {"runtime": c.runtime_name, "device": device, "threads": threads,
                                  "batch_size": batch_size, "sequence_length": length, "shape": shape,
-                                 **{k: round(v, 4) for k, v in summarize(samples[t.name], batch_size).items()},
-                                 "samples_ms": [round(s, 4) for s in samples[t.name]],
-                                 "notes": runtimes[t.name].notes()}
+                                 **{k: round(v, 4) for k, v in summarize(samples[c.key], batch_size).items()},
+                                 "samples_ms": [round(s, 4) for s in samples[c.key]],
+                                 "interleaved_with": sorted(k for k in calls if k != c.key), "loop": loop,
+                                 "load": load, "notes": runtimes[c.key].notes()}
         if spec.memory:
-            job = _memory_job(t, runtime_name, device, threads)
+            job = _memory_job(c.target, c.runtime_name, device, threads)
             entry["memory"] = (measure_in_subprocess(job, feeds[0]) if job else
                                {"error": "this stage cannot be reloaded in a fresh process"})
-        t.record.setdefault("benchmarks", []).append(entry)
+        c.target.record.setdefault("benchmarks", []).append(entry)
+    if load and not load["quiet"]:
+        log.warning("shape %s was timed on a busy machine: %s", shape, "; ".join(load["reasons"]))
+    return shape
 
 
 def _match(record: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The entry of `record` to compare `entry` with: same shape, measured in the same loop when there is
+    one (so the ratio is interleaved), the same runtime preferred."""
     same_shape = [b for b in record.get("benchmarks", []) if b["shape"] == entry["shape"]]
-    same_runtime = [b for b in same_shape if b["runtime"] == entry["runtime"]]
-    return (same_runtime or same_shape or [None])[0]
+    same_loop = [b for b in same_shape if b.get("loop") is not None and b.get("loop") == entry.get("loop")]
+    pool = same_loop or same_shape
+    same_runtime = [b for b in pool if b["runtime"] == entry["runtime"]]
+    return (same_runtime or pool or [None])[0]
 
 
 def _flag(entry: dict[str, Any], what: str, ratio: dict[str, Any]) -> str:
@@ -98,15 +140,26 @@ def _flag(entry: dict[str, Any], what: str, ratio: dict[str, Any]) -> str:
             f"95% interval {ratio['low']:.2f}-{ratio['high']:.2f})")
 
 
+def busy_flag(entry: dict[str, Any]) -> str | None:
+    load = entry.get("load") or {}
+    if load.get("quiet", True):
+        return None
+    return f"busy machine while timing {entry['shape']}: {'; '.join(load.get('reasons', []))}"
+
+
 def attach_speedups(records: list[dict[str, Any]]) -> None:
     """Speedup of each measurement over the same shape in the parent (previous) stage and the baseline
-    (first), with a bootstrap interval; flag a stage that is not significantly faster than its parent."""
+    (first), with a bootstrap interval; flag a stage that is not significantly faster than its parent,
+    and measurements taken while the machine was busy."""
     if not records:
         return
     baseline = records[0]
     for i, record in enumerate(records):
-        record["flags"] = [f for f in record.get("flags", []) if not f.startswith("latency")]
+        record["flags"] = [f for f in record.get("flags", []) if not f.startswith(("latency", "busy machine"))]
         for entry in record.get("benchmarks", []):
+            busy = busy_flag(entry)
+            if busy and busy not in record["flags"]:
+                record["flags"].append(busy)
             for key, other in (("speedup_vs_parent", records[i - 1] if i else None),
                                ("speedup_vs_baseline", baseline if i else None)):
                 ref = _match(other, entry) if other else None
@@ -114,7 +167,9 @@ def attach_speedups(records: list[dict[str, Any]]) -> None:
                     entry.pop(key, None)
                     continue
                 interval = speedup_interval(ref["samples_ms"], entry["samples_ms"])
-                entry[key] = {**interval.as_dict(), "stage": other["name"], "runtime": ref["runtime"]}
+                interleaved = ref.get("loop") is not None and ref.get("loop") == entry.get("loop")
+                entry[key] = {**interval.as_dict(), "stage": other["name"], "runtime": ref["runtime"],
+                              "interleaved": interleaved}
             parent, base = entry.get("speedup_vs_parent"), entry.get("speedup_vs_baseline")
             if parent and parent["verdict"] != "faster":
                 word = "slower than" if parent["verdict"] == "slower" else "not significantly faster than"

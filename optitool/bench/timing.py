@@ -1,5 +1,6 @@
 """Timing loops. Candidates measured together are interleaved one call at a time, so a machine-wide
-slowdown hits all of them alike instead of whichever happened to run during it."""
+slowdown hits all of them alike instead of whichever happened to run during it. The order rotates every
+round, so no candidate always runs right after the same other one (caches, frequency, allocator state)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ def measure_interleaved(candidates: dict[str, Runner], inputs: list[Any], *, war
         if done or iteration >= max_iterations:
             break
         feed = inputs[iteration % len(inputs)]
-        for key, run in candidates.items():
+        keys = list(candidates)
+        shift = iteration % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            run = candidates[key]
             start = time.perf_counter()
             own = run(feed)
             elapsed = time.perf_counter() - start

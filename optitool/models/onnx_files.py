@@ -73,17 +73,48 @@ def _fits_bytesize(model: Any) -> bool:
         return False
 
 
+# Inputs of quantized operators that carry quantization parameters (scales, zero points), not weights:
+# counted as weights they made an int8 model look larger than the float one it came from.
+QUANT_PARAM_INPUTS = {
+    "QuantizeLinear": {1, 2}, "DequantizeLinear": {1, 2}, "DynamicQuantizeMatMul": {2, 3},
+    "MatMulIntegerToFloat": {2, 3, 4, 5}, "MatMulInteger": {2, 3}, "ConvInteger": {2, 3},
+    "QLinearMatMul": {1, 2, 4, 5, 6, 7}, "QLinearConv": {1, 2, 4, 5, 6, 7}, "QGemm": {1, 2, 4, 5, 7, 8},
+    "QAttention": {3, 4, 6, 7}, "MatMulNBits": {2, 3, 4}, "GatherBlockQuantized": {2, 3},
+}
+WEIGHT_TYPES = ("FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE", "INT8", "UINT8", "INT4", "UINT4")
+
+
 def onnx_parameter_counts(path: Path) -> tuple[int, int]:
-    """(elements, nonzero elements) over the float and integer initializers: the graph's weights."""
+    """(weights, nonzero weights), counted as for a torch model's parameters: the elements of the float
+    and quantized weight tensors. Quantization scales and zero points, shape constants and index
+    tensors (integer types other than quantized weights) are not weights. A 4-bit block-quantized
+    matrix (MatMulNBits) counts its K x N logical elements, not its packed bytes."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
+    slots: dict[str, set[tuple[str, int]]] = {}
+    nbits_shape: dict[str, int] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            slots.setdefault(name, set()).add((node.op_type, index))
+        if node.op_type == "MatMulNBits" and len(node.input) > 1:
+            attrs = {a.name: a.i for a in node.attribute}
+            nbits_shape[node.input[1]] = attrs.get("K", 0) * attrs.get("N", 0)
+    weight_types = {getattr(onnx.TensorProto, name) for name in WEIGHT_TYPES if hasattr(onnx.TensorProto, name)}
     total = nonzero = 0
     for tensor in model.graph.initializer:
+        uses = slots.get(tensor.name, set())
+        if tensor.data_type not in weight_types or (uses and all(
+                i in QUANT_PARAM_INPUTS.get(op, set()) for op, i in uses)):
+            continue
         array = numpy_helper.to_array(tensor)
         if array.size <= 1:
+            continue
+        if tensor.name in nbits_shape:
+            total += nbits_shape[tensor.name]
+            nonzero += nbits_shape[tensor.name]  # packed: zeros cannot be told without the zero points
             continue
         total += int(array.size)
         nonzero += int(np.count_nonzero(array))

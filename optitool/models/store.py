@@ -33,6 +33,16 @@ def torch_counts(module: Any) -> tuple[int, int, int]:
     return total, nonzero, size
 
 
+def parameter_counts(artifact: ModelArtifact) -> tuple[int, int]:
+    """(weights, nonzero weights) of a model of either kind, counted the same way for both: the elements
+    of its weight tensors (torch parameters and packed quantized weights; ONNX float and quantized weight
+    initializers), without quantization scales, zero points or shape constants."""
+    if isinstance(artifact, OnnxModel):
+        return onnx_parameter_counts(artifact.path)
+    total, nonzero, _ = torch_counts(artifact.module)
+    return total, nonzero
+
+
 def stage_metrics(artifact: ModelArtifact, saved_bytes: int | None = None) -> dict[str, Any]:
     if isinstance(artifact, OnnxModel):
         total, nonzero = onnx_parameter_counts(artifact.path)
@@ -41,7 +51,7 @@ def stage_metrics(artifact: ModelArtifact, saved_bytes: int | None = None) -> di
         total, nonzero, size = torch_counts(artifact.module)
         size = saved_bytes or size
     return {"parameters": total, "nonzero_parameters": nonzero,
-            "sparsity": round(1 - nonzero / total, 6) if total else 0.0, "size_bytes": size}
+            "sparsity": round(1 - nonzero / total, 4) if total else 0.0, "size_bytes": size}
 
 
 def save_artifact(artifact: ModelArtifact, folder: Path) -> tuple[str, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from optitool.report.table import budget_lines, markdown_table, stage_rows
+from optitool.report.table import budget_lines, footnotes, markdown_table, stage_rows
 
 
 def render(report: dict[str, Any]) -> str:
@@ -12,8 +12,13 @@ def render(report: dict[str, Any]) -> str:
     header, rows = stage_rows(report)
     parts = [f"# optitool run: {report.get('name', '')}", "",
              f"Status: **{report.get('status', '?')}** on `{report.get('device', '?')}`. "
-             "Latency is the median ± standard deviation of interleaved iterations; speedup is vs the baseline "
-             "with a 95 % bootstrap interval.", "", markdown_table(header, rows), ""]
+             "Latency is the median ± scaled median absolute deviation of iterations interleaved across every "
+             "stage and runtime of a shape; speedup is vs the baseline with a 95 % bootstrap interval. "
+             "Everything else (p90, p99, memory, machine load, samples) is in report.json.", "",
+             markdown_table(header, rows), ""]
+    notes = footnotes(report)
+    if notes:
+        parts += ["## Flags", ""] + [f"- {line.removeprefix('! ')}" for line in notes] + [""]
     if report.get("error"):
         parts += [f"**Error:** {report['error']}", ""]
     lines = budget_lines(report.get("budget"))

@@ -1,16 +1,18 @@
-"""PNG plots for a run: latency against quality with the Pareto front, and size and latency per stage."""
+"""PNG plots for a run: latency against quality (one panel per measured shape, Pareto front marked), and
+size and latency per stage. Labels are placed so that they overlap neither each other, nor the points,
+nor the edge of the panel."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from optitool.report.table import quality_key
 
-def _quality(stage: dict[str, Any]) -> tuple[str, float | None]:
-    m = stage.get("metrics", {})
-    if m.get("accuracy") is not None:
-        return "accuracy", m["accuracy"]
-    return "fidelity (cosine to baseline)", m.get("fidelity")
+# Where a label may sit relative to its point (offset in points, horizontal alignment), in order of taste.
+LABEL_SPOTS = [((7, 5), "left"), ((7, -13), "left"), ((-7, 5), "right"), ((-7, -13), "right"),
+               ((0, 11), "center"), ((0, -20), "center"), ((12, 16), "left"), ((-12, 16), "right"),
+               ((12, -26), "left"), ((-12, -26), "right")]
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -22,6 +24,59 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _overlap(a: Any, b: Any) -> float:
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return max(0.0, width) * max(0.0, height)
+
+
+def place_labels(ax: Any, points: list[tuple[float, float]], labels: list[str]) -> list[Any]:
+    """Annotate each point at the first spot where its label overlaps no other label, no point marker and
+    stays inside the axes; where none is free, the spot with the least overlap. Returns the annotations."""
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    markers = []
+    for x, y in points:
+        px, py = ax.transData.transform((x, y))
+        markers.append(Bbox.from_extents(px - 5, py - 5, px + 5, py + 5))
+    placed: list[Any] = []
+    annotations = []
+    for (x, y), text in zip(points, labels, strict=True):
+        best = None
+        for offset, align in LABEL_SPOTS:
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, ha=align, fontsize=8)
+            box = note.get_window_extent(renderer).expanded(1.05, 1.15)
+            outside = box.width * box.height - _overlap(box, frame)
+            cost = sum(_overlap(box, other) for other in placed + markers) + 10 * outside
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, note, box)
+            else:
+                note.remove()
+            if cost == 0:
+                break
+        assert best is not None
+        placed.append(best[2])
+        annotations.append(best[1])
+    return annotations
+
+
+def _by_shape(stages: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """shape -> stage name -> its fastest measurement at that shape (any runtime)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for s in stages:
+        for b in s.get("benchmarks", []):
+            current = out.setdefault(b["shape"], {}).get(s["name"])
+            if current is None or b["median_ms"] < current["median_ms"]:
+                out[b["shape"]][s["name"]] = b
+    return out
+
+
 def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib
 
@@ -31,48 +86,51 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     stages = report.get("stages", [])
     written = []
-    # The largest shape measured on each stage's first runtime is the one plotted.
-    latency = {}
-    for s in stages:
-        if s.get("benchmarks"):
-            b = max(s["benchmarks"], key=lambda b: (b["batch_size"], b.get("sequence_length") or 0))
-            latency[s["name"]] = (b["median_ms"], b["std_ms"], f"{b['runtime']} {b['shape']}")
-    label, _ = _quality(stages[0]) if stages else ("fidelity", None)
-    pts = [(latency[s["name"]][0], _quality(s)[1], s["name"]) for s in stages
-           if s["name"] in latency and _quality(s)[1] is not None]
-    if pts:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        front = set(pareto([(p[0], p[1]) for p in pts]))
-        for i, (lat, q, name) in enumerate(pts):
-            ax.scatter(lat, q, s=60, color="tab:red" if i in front else "tab:gray", zorder=3)
-            ax.annotate(f"{name} ({latency[name][2].split(' ')[0]})", (lat, q), textcoords="offset points",
-                        xytext=(6, 4), fontsize=9)
-        fp = sorted((pts[i][0], pts[i][1]) for i in front)
-        ax.plot([p[0] for p in fp], [p[1] for p in fp], "--", color="tab:red", label="Pareto front")
-        ax.set_xlabel(f"median latency (ms), batch shape {next(iter(latency.values()))[2].split(' ')[1]}")
-        ax.set_ylabel(label)
-        ax.set_title(f"{report.get('name', '')}: latency vs {label.split(' ')[0]}")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    key = quality_key(report)
+    label = "accuracy" if key == "accuracy" else "fidelity (cosine to the baseline)"
+    shapes = _by_shape(stages)
+    quality = {s["name"]: s.get("metrics", {}).get(key) for s in stages}
+    panels = [(shape, [(b["median_ms"], quality[name], name, b["runtime"]) for name, b in measured.items()
+                       if quality.get(name) is not None]) for shape, measured in shapes.items()]
+    panels = [(shape, pts) for shape, pts in panels if pts]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+        for ax, (shape, pts) in zip(axes[0], panels, strict=True):
+            front = set(pareto([(p[0], p[1]) for p in pts]))
+            for i, (lat, q, _, _) in enumerate(pts):
+                ax.scatter(lat, q, s=40, color="tab:red" if i in front else "tab:gray", zorder=3)
+            fp = sorted((pts[i][0], pts[i][1]) for i in front)
+            ax.plot([p[0] for p in fp], [p[1] for p in fp], "--", color="tab:red", label="Pareto front")
+            ax.margins(x=0.25, y=0.2)
+            ax.set_xlabel(f"median latency (ms), shape {shape}")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right", fontsize=8)
+            ax.set_title(f"shape {shape}", fontsize=10)
+        fig.suptitle(f"{report.get('name', '')}: latency vs {label.split(' ')[0]}")
         fig.tight_layout()
+        for ax, (_, pts) in zip(axes[0], panels, strict=True):
+            place_labels(ax, [(p[0], p[1]) for p in pts], [f"{p[2]} ({p[3]})" for p in pts])
         path = folder / "latency_vs_quality.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     if stages:
         names = [s["name"] for s in stages]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(1, 1 + len(shapes), figsize=(4.6 * (1 + len(shapes)), 4), squeeze=False)
+        a1 = axes[0][0]
         a1.bar(names, [s["metrics"].get("size_bytes", 0) / 1e6 for s in stages], color="tab:blue")
         a1.set_ylabel("size (MB)")
         a1.set_title("size per stage")
-        measured = [n for n in names if n in latency]  # a stage no runtime measured gets no bar
-        a2.bar([f"{n}\n{latency[n][2].split(' ')[0]}" for n in measured], [latency[n][0] for n in measured],
-               yerr=[latency[n][1] for n in measured], capsize=4, color="tab:orange")
-        a2.set_ylabel("median latency (ms) ± std")
-        a2.set_title("latency per stage" + (f", shape {next(iter(latency.values()))[2].split(' ')[1]}"
-                                            if latency else ": not measured"))
-        for ax in (a1, a2):
-            ax.tick_params(axis="x", rotation=30)
+        for ax, (shape, measured) in zip(axes[0][1:], shapes.items(), strict=True):
+            shown = [n for n in names if n in measured]  # a stage no runtime measured gets no bar
+            ax.bar([f"{n}\n{measured[n]['runtime']}" for n in shown], [measured[n]["median_ms"] for n in shown],
+                   yerr=[measured[n].get("mad_ms", measured[n].get("std_ms", 0.0)) for n in shown], capsize=4,
+                   color="tab:orange")
+            ax.set_ylabel("median latency (ms) ± MAD")
+            ax.set_title(f"latency per stage, shape {shape}")
+        for ax in axes[0]:
+            ax.tick_params(axis="x", rotation=30, labelsize=8)
         fig.tight_layout()
         path = folder / "size_latency.png"
         fig.savefig(path, dpi=110)

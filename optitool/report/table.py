@@ -1,57 +1,90 @@
-"""One table of stages, the same on the terminal and in report.md (fit for $GITHUB_STEP_SUMMARY)."""
+"""The stage table: what a user reads first, the same on the terminal (rich) and in report.md.
+
+One row per stage and runtime; per shape the median latency with its robust spread (scaled MAD) and the
+speedup over the baseline with its 95 % interval; the stage's flags are counted in the row and spelled
+out below the table. Everything else (p90/p99, std, memory, load, samples) stays in report.json.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from optitool.bench.memory import peak_mb
+QUALITY_KEYS = ("accuracy", "fidelity")
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _shapes(report: dict[str, Any]) -> list[tuple[str, str]]:
-    seen: list[tuple[str, str]] = []
+def _shapes(report: dict[str, Any]) -> list[str]:
+    seen: list[str] = []
     for stage in report.get("stages", []):
         for b in stage.get("benchmarks", []):
-            key = (b["runtime"], b["shape"])
-            if key not in seen:
-                seen.append(key)
+            if b["shape"] not in seen:
+                seen.append(b["shape"])
     return seen
 
 
+def _runtimes(stage: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(b["runtime"] for b in stage.get("benchmarks", []))) or ["-"]
+
+
+def quality_key(report: dict[str, Any]) -> str:
+    """Accuracy when any stage has it (labelled data and a classifier), fidelity otherwise."""
+    stages = report.get("stages", [])
+    return next((k for k in QUALITY_KEYS if any(s.get("metrics", {}).get(k) is not None for s in stages)),
+                "fidelity")
+
+
+def fmt_ms(value: float) -> str:
+    """Milliseconds with the digits that mean something at that size."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _quality(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return "-"
+    return f"{value:.2%}" if key == "accuracy" else f"{value:.4f}"
+
+
 def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["stage", "pass", "kind", "size MB", "params", "sparsity", "accuracy", "fidelity"]
-    shapes = _shapes(report)
-    for runtime, shape in shapes:
-        header += [f"{runtime} {shape} p50 ms", "p90", "speedup"]
-    header += ["peak MB", "flags"]
+    shapes, quality = _shapes(report), quality_key(report)
+    header = ["stage", "kind", "runtime", "size MB", quality]
+    for shape in shapes:
+        header += [f"{shape} p50 ms", "speedup"]
+    header.append("flags")
     rows = []
     for stage in report.get("stages", []):
         m = stage.get("metrics", {})
-        row = [stage["name"], stage.get("pass") or "-", stage["kind"], _fmt(m.get("size_bytes", 0) / 1e6, 4),
-               "-" if m.get("parameters") is None else f"{m['parameters'] / 1e6:.2f} M", _fmt(m.get("sparsity"), 3), _fmt(m.get("accuracy")),
-               _fmt(m.get("fidelity"))]
         by_key = {(b["runtime"], b["shape"]): b for b in stage.get("benchmarks", [])}
-        peaks = []
-        for key in shapes:
-            b = by_key.get(key)
-            if b is None:
-                row += ["-", "-", "-"]
-                continue
-            sp = b.get("speedup_vs_baseline")
-            sp_text = "-" if not sp else f"{sp['ratio']:.2f}x [{sp['low']:.2f}-{sp['high']:.2f}]"
-            row += [f"{b['median_ms']:.2f} ± {b['std_ms']:.2f}", f"{b['p90_ms']:.2f}", sp_text]
-            if peak_mb(b):
-                peaks.append(peak_mb(b))
-        row += [_fmt(max(peaks)) if peaks else "-", "; ".join(stage.get("flags", [])) or "-"]
-        rows.append(row)
+        for i, runtime in enumerate(_runtimes(stage)):
+            first = i == 0
+            size = m.get("size_bytes")
+            row = [stage["name"] if first else "", stage["kind"] if first else "", runtime,
+                   (f"{size / 1e6:.1f}" if size is not None else "-") if first else "",
+                   _quality(m, quality) if first else ""]
+            for shape in shapes:
+                b = by_key.get((runtime, shape))
+                if b is None:
+                    row += ["-", "-"]
+                    continue
+                spread = b.get("mad_ms", b.get("std_ms", 0.0))
+                sp = b.get("speedup_vs_baseline")
+                row += [f"{fmt_ms(b['median_ms'])} ±{fmt_ms(spread)}",
+                        "-" if not sp else f"{sp['ratio']:.2f}x [{sp['low']:.2f}-{sp['high']:.2f}]"]
+            flags = len(stage.get("flags", [])) if first else 0
+            row.append(f"!{flags}" if flags else "")
+            rows.append(row)
     return header, rows
+
+
+def footnotes(report: dict[str, Any]) -> list[str]:
+    """The flags, skipped runtimes and budget lines that go below the table (identical flags of several
+    stages, such as a busy machine, are said once)."""
+    by_message: dict[str, list[str]] = {}
+    for stage in report.get("stages", []):
+        for flag in stage.get("flags", []):
+            by_message.setdefault(flag, []).append(stage["name"])
+        for skipped in stage.get("benchmark_skipped", []):
+            by_message.setdefault(f"{skipped['runtime']} not run: {skipped['reason']}", []).append(stage["name"])
+    return [f"! {', '.join(names)}: {message}" for message, names in by_message.items()]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -61,19 +94,30 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def terminal_table(report: dict[str, Any]) -> str:
+def terminal_table(report: dict[str, Any], width: int | None = None) -> str:
+    """The table and its footnotes as text for a terminal of `width` columns (the console's by default)."""
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
     header, rows = stage_rows(report)
-    header, rows = header[:-1], [r[:-1] for r in rows]  # flags are printed below the table
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-           "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    for stage in report.get("stages", []):
-        for flag in stage.get("flags", []):
-            out.append(f"! {stage['name']}: {flag}")
-        for skipped in stage.get("benchmark_skipped", []):
-            out.append(f"- {stage['name']}: {skipped['runtime']} not run: {skipped['reason']}")
-    return "\n".join(out)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
+    numeric = {"size MB", "p50", "speedup", "accuracy", "fidelity"}
+    for name in header:
+        table.add_column(name, justify="right" if any(n in name for n in numeric) else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    buffer = io.StringIO()
+    if width is None:  # the terminal's width; unbounded enough for a CI log, where nothing must be cropped
+        terminal = Console()
+        width = terminal.width if terminal.is_terminal else 200
+    console = Console(file=buffer, width=width, highlight=False, color_system=None)
+    console.print(table)
+    for line in footnotes(report):
+        console.print(line, markup=False)
+    return buffer.getvalue().rstrip("\n")
 
 
 def budget_lines(budget: dict[str, Any] | None) -> list[str]:

@@ -76,6 +76,7 @@ class OnnxExport(Pass):
         if cfg.fp16:
             self._to_fp16(path)
         exported = OnnxModel(path, tokenizer=model.tokenizer, input_names=names)
+        _note_dropped_weights(model, exported, ctx)
         if cfg.verify:
             self._verify(model, exported, ctx)
         return exported
@@ -186,7 +187,18 @@ class OnnxExport(Pass):
                                 f"{worst:.3g} (atol {cfg.atol}, rtol {cfg.rtol}; {bad} of {diff.numel()} values "
                                 f"outside) on eval batch {index}; mean cosine {cosines[-1]:.5f}. Loosen atol/rtol "
                                 "only if that difference is expected (fp16), otherwise report an exporter bug")
-        ctx.metrics.update(export_max_abs_diff=worst, export_cosine=min(cosines))
+        ctx.metrics.update(export_max_abs_diff=float(f"{worst:.3g}"), export_cosine=round(min(cosines), 6))
+
+
+def _note_dropped_weights(model: TorchModel, exported: OnnxModel, ctx: PassContext) -> None:
+    """An exporter keeps only what the exported output uses (an encoder's pooler is dropped when the
+    output is the hidden states): say how many weights that was, so the counts of the two stages agree."""
+    from optitool import parameter_counts
+
+    dropped = parameter_counts(model)[0] - parameter_counts(exported)[0]
+    if dropped > 0:
+        ctx.metrics["weights_not_exported"] = dropped
+        ctx.logger.info("%d weights are not in the exported graph: its output does not use them", dropped)
 
 
 def _too_big_for_protobuf(module: Any) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from click.testing import CliRunner
 
 from optitool.budget import check_budget
@@ -19,7 +20,7 @@ def bench(median: float, spread: float, seed: int, runtime: str = "onnxruntime",
 
 
 def report(median: float, fidelity: float = 0.99, seed: int = 0, spread: float = 5.0) -> dict:
-    return {"stages": [
+    return {"schema_version": 1, "stages": [
         {"name": "baseline", "metrics": {"accuracy": 0.97, "fidelity": 1.0, "size_bytes": 90e6},
          "benchmarks": [bench(200, 5, seed + 100)]},
         {"name": "int8", "metrics": {"accuracy": 0.965, "fidelity": fidelity, "size_bytes": 23e6},
@@ -87,13 +88,84 @@ def test_size_and_memory_growth_beyond_the_threshold_are_regressions():
     assert rows["size MB"] == "regression" and rows["peak memory MB onnxruntime 8x128"] == "regression"
 
 
-def test_a_change_within_one_runs_spread_is_not_called_real():
+def test_a_change_within_the_drift_between_runs_is_not_called_real():
+    from optitool.bench.stats import relative_spread
+    from optitool.compare import DRIFT_FACTOR
+
     def one(center: float) -> dict:
-        # median = center, std ~ 10 % of it: 15 % slower is outside the bootstrap interval but within the drift
-        samples = [center - 17 + 34 * i / 60 for i in range(61)]
-        return {"stages": [{"name": "m", "metrics": {}, "benchmarks": [
+        samples = [center * (1 + 0.04 * (i - 30) / 30) for i in range(61)]  # +-4 %: rel. MAD about 3 %
+        return {"schema_version": 1, "stages": [{"name": "m", "metrics": {}, "benchmarks": [
             {"runtime": "ort", "shape": "1", "median_ms": center, "samples_ms": samples}]}]}
 
-    drift = compare_reports(one(100), one(115), max_regression=0.05)["rows"][0]
-    assert drift["interval"][0] > 0 and drift["noise_floor"] > 0.19 and drift["verdict"] == "unchanged"
-    assert compare_reports(one(100), one(130), max_regression=0.05)["rows"][0]["verdict"] == "regression"
+    floor = DRIFT_FACTOR * relative_spread(one(100)["stages"][0]["benchmarks"][0]["samples_ms"])
+    within = compare_reports(one(100), one(100 * (1 + 0.8 * floor)), max_regression=0.01)["rows"][0]
+    assert within["interval"][0] > 0 and within["verdict"] == "unchanged"  # real within one run, not beyond drift
+    beyond = compare_reports(one(100), one(100 * (1 + 1.5 * floor)), max_regression=0.01)["rows"][0]
+    assert beyond["verdict"] == "regression"
+
+
+def test_a_uniform_slowdown_is_flagged_despite_descheduling_spikes():
+    """The case the standard deviation got wrong: a tiny model (0.08 ms) with a few 16-32 ms spikes had a
+    relative std above 50, so no slowdown of any size was ever flagged."""
+    import random
+
+    rng = random.Random(3)
+    samples = [rng.gauss(0.08, 0.002) for _ in range(300)]
+    for i, spike in zip((17, 90, 151, 260), (16.0, 32.0, 20.0, 24.0), strict=True):
+        samples[i] = spike
+
+    def one(values: list[float]) -> dict:
+        entry = {"runtime": "torch_eager", "shape": "1", "median_ms": sorted(values)[len(values) // 2],
+                 "samples_ms": values}
+        return {"schema_version": 1, "stages": [{"name": "mlp", "metrics": {}, "benchmarks": [entry]}]}
+
+    slower = compare_reports(one(samples), one([s * 1.3 for s in samples]), max_regression=0.05)
+    row = slower["rows"][0]
+    assert row["verdict"] == "regression" and row["spikes"] == [4, 4] and slower["failed"]
+    again = [rng.gauss(0.08, 0.002) for _ in range(300)]
+    assert compare_reports(one(samples), one(again))["rows"][0]["verdict"] == "unchanged"
+
+
+def test_compare_fails_closed_on_what_it_cannot_match(tmp_path):
+    base = report(100)
+    new = report(100, seed=1)
+    new["stages"][1]["benchmarks"][0]["shape"] = "1x128"  # measured at another shape
+    new["stages"].append({"name": "extra", "metrics": {}, "benchmarks": []})
+    del new["stages"][0]  # and the baseline is gone
+    result = compare_reports(base, new)
+    verdicts = {(r["stage"], r["what"]): r["verdict"] for r in result["rows"]}
+    assert verdicts[("int8", "latency onnxruntime 8x128")] == "missing"
+    assert verdicts[("int8", "latency onnxruntime 1x128")] == "new"
+    assert verdicts[("baseline", "stage")] == "missing" and verdicts[("extra", "stage")] == "new"
+    assert result["failed"] and not compare_reports(base, new, allow_missing=True)["failed"]
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    (tmp_path / "n.json").write_text(json.dumps(new))
+    out = CliRunner().invoke(cli, ["compare", str(tmp_path / "b.json"), str(tmp_path / "n.json")])
+    assert out.exit_code == 1 and "missing from the new report" in out.output and "int8: latency" in out.output
+    allowed = CliRunner().invoke(cli, ["compare", str(tmp_path / "b.json"), str(tmp_path / "n.json"),
+                                       "--allow-missing"])
+    assert allowed.exit_code == 0, allowed.output
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"hello": "world"}', "is not an optitool report"),
+    ("[1, 2, 3]", "is not an optitool report"),
+    ('{"schema_version": 99, "stages": []}', "schema version 99"),
+    ('{"schema_version": 1, "stages": [{"nom": "x"}]}', "stages[0] has no name"),
+    ("not json", "is not valid JSON"),
+])
+def test_compare_refuses_what_is_not_an_optitool_report_with_exit_2(tmp_path, content, fragment):
+    (tmp_path / "b.json").write_text(json.dumps(report(100)))
+    (tmp_path / "other.json").write_text(content)
+    result = CliRunner().invoke(cli, ["compare", str(tmp_path / "b.json"), str(tmp_path / "other.json")])
+    assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output
+
+
+def test_reports_with_nothing_in_common_are_refused(tmp_path):
+    other = report(100)
+    for stage in other["stages"]:
+        stage["name"] += "-renamed"
+    (tmp_path / "b.json").write_text(json.dumps(report(100)))
+    (tmp_path / "o.json").write_text(json.dumps(other))
+    result = CliRunner().invoke(cli, ["compare", str(tmp_path / "b.json"), str(tmp_path / "o.json")])
+    assert result.exit_code == 2 and "no stage in common" in result.output
