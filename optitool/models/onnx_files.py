@@ -81,6 +81,9 @@ QUANT_PARAM_INPUTS = {
     "QLinearMatMul": {1, 2, 4, 5, 6, 7}, "QLinearConv": {1, 2, 4, 5, 6, 7}, "QGemm": {1, 2, 4, 5, 7, 8},
     "QAttention": {3, 4, 6, 7}, "MatMulNBits": {2, 3, 4}, "GatherBlockQuantized": {2, 3},
 }
+# onnxruntime's quantizers name the parameters they add <tensor>_scale and <tensor>_zero_point; some reach
+# the graph through ordinary ops (a dynamic MatMul multiplies its input's scale by the weight's in a Mul).
+QUANT_PARAM_SUFFIXES = ("_scale", "_zero_point", "_scales", "_zero_points")
 WEIGHT_TYPES = ("FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE", "INT8", "UINT8", "INT4", "UINT4")
 
 
@@ -106,7 +109,7 @@ def onnx_parameter_counts(path: Path) -> tuple[int, int]:
     total = nonzero = 0
     for tensor in model.graph.initializer:
         uses = slots.get(tensor.name, set())
-        if tensor.data_type not in weight_types or (uses and all(
+        if tensor.data_type not in weight_types or tensor.name.endswith(QUANT_PARAM_SUFFIXES) or (uses and all(
                 i in QUANT_PARAM_INPUTS.get(op, set()) for op, i in uses)):
             continue
         array = numpy_helper.to_array(tensor)

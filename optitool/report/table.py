@@ -48,7 +48,7 @@ def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     shapes, quality = _shapes(report), quality_key(report)
     header = ["stage", "kind", "runtime", "size MB", quality]
     for shape in shapes:
-        header += [f"{shape} p50 ms", "speedup"]
+        header += [f"{shape} ms", "speedup"]
     header.append("flags")
     rows = []
     for stage in report.get("stages", []):
@@ -103,8 +103,8 @@ def terminal_table(report: dict[str, Any], width: int | None = None) -> str:
     from rich.table import Table
 
     header, rows = stage_rows(report)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
-    numeric = {"size MB", "p50", "speedup", "accuracy", "fidelity"}
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False)  # 2 spaces apart
+    numeric = {"size MB", " ms", "speedup", "accuracy", "fidelity"}
     for name in header:
         table.add_column(name, justify="right" if any(n in name for n in numeric) else "left", no_wrap=True)
     for row in rows:
@@ -117,7 +117,7 @@ def terminal_table(report: dict[str, Any], width: int | None = None) -> str:
     console.print(table)
     for line in footnotes(report):
         console.print(line, markup=False)
-    return buffer.getvalue().rstrip("\n")
+    return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
 
 
 def budget_lines(budget: dict[str, Any] | None) -> list[str]:

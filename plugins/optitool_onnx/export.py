@@ -192,7 +192,8 @@ class OnnxExport(Pass):
 
 def _note_dropped_weights(model: TorchModel, exported: OnnxModel, ctx: PassContext) -> None:
     """An exporter keeps only what the exported output uses (an encoder's pooler is dropped when the
-    output is the hidden states): say how many weights that was, so the counts of the two stages agree."""
+    output is the hidden states) and folds away no-op weights (all-zero biases): say how many weights
+    that was, so a reader sees why the counts of the two stages differ."""
     from optitool import parameter_counts
 
     dropped = parameter_counts(model)[0] - parameter_counts(exported)[0]

@@ -56,3 +56,28 @@ def test_text_model_export_with_transformer_fusions(tmp_path, optitool_tiny_bert
 
 def test_contract(tmp_path):
     check_pass_contract(OnnxExport, tmp_path=tmp_path)
+
+
+def test_parameters_are_counted_alike_in_every_kind(tmp_path):
+    """torch parameters, ONNX weight initializers and int8 weights must be the same number for the same
+    model: quantization scales, zero points and shape constants are not weights."""
+    snippet = ('[model]\nsource = "python"\nfactory = "optitool.testing:tiny_mlp"\nkwargs = { hidden = 64 }\n'
+               '[model.inputs]\nx = ["batch", 16]\n[[passes]]\npass = "onnx_export"\n'
+               '[[passes]]\npass = "int8_quantize"\nname = "dynamic"\n'
+               '[[passes]]\npass = "int8_quantize"\nname = "static"\nmode = "static"\ncalibration_data = "random"\n')
+    stages = run_snippet(snippet, tmp_path).report["stages"]
+    counts = {s["name"]: s["metrics"]["parameters"] for s in stages}
+    assert len(set(counts.values())) == 1, counts
+    assert stages[0]["metrics"]["sparsity"] == 0.0 and "weights_not_exported" not in stages[1]["metrics"]
+
+
+def test_weights_an_export_drops_are_reported(tmp_path, optitool_tiny_bert):
+    snippet = (f'[model]\nsource = "hf"\npath = "{optitool_tiny_bert}"\nmax_length = 16\n'
+               '[[passes]]\npass = "onnx_export"\n')
+    base, onnx_stage = run_snippet(snippet, tmp_path).report["stages"]
+    dropped = onnx_stage["metrics"]["weights_not_exported"]
+    # the pooler (its output is not the exported last_hidden_state), and the all-zero biases and all-one
+    # norm weights of a freshly initialised model, which the exporter's optimizer folds away as no-ops
+    assert dropped >= 32 * 32 + 32
+    assert base["metrics"]["parameters"] - onnx_stage["metrics"]["parameters"] == dropped
+    assert onnx_stage["metrics"]["export_cosine"] <= 1.0
