@@ -19,7 +19,6 @@ import itertools
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from benchmarks.common import HERE, ROOT, WORK, machine_line
