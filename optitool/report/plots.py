@@ -48,7 +48,8 @@ def place_labels(ax: Any, points: list[tuple[float, float]], labels: list[str]) 
     for (x, y), text in zip(points, labels, strict=True):
         best = None
         for offset, align in LABEL_SPOTS:
-            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, ha=align, fontsize=8)
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, ha=align, fontsize=8,
+                               arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "0.45", "shrinkA": 0, "shrinkB": 4})
             box = note.get_window_extent(renderer).expanded(1.05, 1.15)
             outside = box.width * box.height - _overlap(box, frame)
             cost = sum(_overlap(box, other) for other in placed + markers) + 10 * outside

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 import optitool
 from optitool.cli import cli
 
-
 TORCH_LIKE = logging.getLogger("torchlike")  # configured at import, writing to the real terminal, as torch's is
 TORCH_LIKE_HANDLER = logging.StreamHandler(sys.__stderr__)
 TORCH_LIKE.addHandler(TORCH_LIKE_HANDLER)
