@@ -21,6 +21,16 @@ WORDS = ("the market shares rose as the bank said profits grew while the film wo
          "the match after the minister said the election vote was close and the new phone software was fast").split()
 
 
+# The `[model]` part of a pipeline for `tiny_mlp`, to which a test adds its `[[passes]]`.
+TINY_MLP_TOML = """
+[model]
+source = "python"
+factory = "optitool.testing:tiny_mlp"
+[model.inputs]
+x = ["batch", 16]
+"""
+
+
 def tiny_mlp(in_features: int = 16, hidden: int = 32, classes: int = 4) -> Any:
     import torch
 

@@ -7,15 +7,9 @@ import json
 import types
 
 import optitool
-from optitool.testing import run_snippet, tiny_mlp
+from optitool.testing import TINY_MLP_TOML, run_snippet, tiny_mlp
 
-MLP = """
-[model]
-source = "python"
-factory = "optitool.testing:tiny_mlp"
-[model.inputs]
-x = ["batch", 16]
-"""
+MLP = TINY_MLP_TOML
 
 
 def plugin(name: str, **hooks) -> types.ModuleType:

@@ -30,6 +30,20 @@ def plugin_module(name: str, **attrs) -> types.ModuleType:
     return module
 
 
+def fake_entry_point(name: str, module: str, distribution: str, version: str = "0.1"):
+    """An installed third-party plugin as importlib.metadata describes it."""
+    class Dist:
+        metadata = {"Name": distribution}
+
+    Dist.version = version
+
+    class EntryPoint:
+        pass
+
+    EntryPoint.name, EntryPoint.value, EntryPoint.dist = name, module, Dist()
+    return EntryPoint()
+
+
 def registers(pass_class):
     return optitool.hookimpl(lambda registry: registry.add(pass_class))
 
@@ -100,14 +114,8 @@ def test_invalid_pass_class_is_reported():
 def test_autoload_switch_skips_third_party_entry_points(monkeypatch):
     from optitool import plugins as plugins_module
 
-    class FakeDist:
-        metadata = {"Name": "acme-optitool"}
-        version = "9.9"
-
-    class FakeEntryPoint:
-        name, value, dist = "acme", "acme_ep_module", FakeDist()
-
-    monkeypatch.setattr(plugins_module, "entry_points", lambda group: [FakeEntryPoint()])
+    monkeypatch.setattr(plugins_module, "entry_points",
+                        lambda group: [fake_entry_point("acme", "acme_ep_module", "acme-optitool", "9.9")])
     monkeypatch.setitem(sys.modules, "acme_ep_module", plugin_module("acme_ep_module",
                                                                      optitool_register_passes=registers(Shrink)))
     assert "acme.shrink" in get_plugin_manager().registry.passes
@@ -228,18 +236,12 @@ def test_cli_plugins_survives_a_broken_plugin_and_names_it(monkeypatch):
     from optitool import plugins as plugins_module
     from optitool.cli import cli
 
-    class FakeDist:
-        metadata = {"Name": "acme-broken"}
-        version = "0.1"
-
-    class FakeEntryPoint:
-        name, value, dist = "acme_broken", "acme_broken_mod", FakeDist()
-
     def bad(reg):
         pass
 
     real = plugins_module.entry_points
-    monkeypatch.setattr(plugins_module, "entry_points", lambda group: [*real(group=group), FakeEntryPoint()])
+    monkeypatch.setattr(plugins_module, "entry_points", lambda group: [
+        *real(group=group), fake_entry_point("acme_broken", "acme_broken_mod", "acme-broken")])
     monkeypatch.setitem(sys.modules, "acme_broken_mod", plugin_module(
         "acme_broken_mod", optitool_register_passes=optitool.hookimpl(bad)))
     result = CliRunner().invoke(cli, ["plugins"])

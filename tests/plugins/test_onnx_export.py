@@ -6,15 +6,9 @@ from onnx import numpy_helper
 from optitool_onnx.export import OnnxExport
 
 from optitool.errors import RunError
-from optitool.testing import check_pass_contract, run_snippet
+from optitool.testing import TINY_MLP_TOML, check_pass_contract, run_snippet
 
-MLP = """
-[model]
-source = "python"
-factory = "optitool.testing:tiny_mlp"
-[model.inputs]
-x = ["batch", 16]
-"""
+MLP = TINY_MLP_TOML
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
