@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelArtifact:
@@ -20,12 +23,12 @@ class TorchModel(ModelArtifact):
     are the pruning masks (parameter name -> bool tensor) later passes must keep.
     """
 
-    module: Any
+    module: torch.nn.Module
     origin: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
     input_names: list[str] = field(default_factory=list)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    masks: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
     reloadable: bool = True
     kind: ClassVar[str] = "torch"
 

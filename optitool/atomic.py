@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from optitool.errors import ConfigError, RunError
+
 
 def _umask() -> int:
     """The process's umask (read by setting it and putting it back: there is no getter)."""
@@ -74,9 +76,11 @@ class FolderLock:
         self.path = folder.parent / f".{folder.name}.optitool-lock"
 
     def __enter__(self) -> FolderLock:
-        from optitool.errors import RunError
-
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run folder {self.folder}: {exc.strerror or exc}; choose another "
+                              "with --output") from None
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -87,6 +91,9 @@ class FolderLock:
                                    "or choose another folder with --output") from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
+            except OSError as exc:  # e.g. under /proc, which lists folders no one may write in
+                raise ConfigError(f"cannot create the run folder {self.folder}: {exc.strerror or exc}; choose "
+                                  "another with --output") from None
             with os.fdopen(fd, "w") as handle:
                 handle.write(str(os.getpid()))
             return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,7 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
     _check_kinds(passes, registry, _initial_kind(model, registry), where)
     _check_runtimes(benchmark, registry, where)
     _check_stage_names(passes, benchmark, budget, where)
+    _check_budget_shapes(benchmark, budget, where)
     _check_data_needs(passes, registry, data, where)
     spec = PipelineSpec(name=name, seed=seed, model=model, data=data, passes=passes, benchmark=benchmark,
                         budget=budget, output=output, base_dir=base_dir, source=source, raw=raw)
@@ -318,6 +320,19 @@ def _check_stage_names(passes: list[PassSpec], benchmark: BenchmarkSpec, budget:
                               f"are {', '.join(names)}" + (" (and 'final', the last)" if key == "[budget].stage" else ""))
 
 
+def _check_budget_shapes(benchmark: BenchmarkSpec, budget: BudgetSpec | None, where: str) -> None:
+    """A latency limit for a shape the benchmark never measures could only ever fail."""
+    if budget is None or not isinstance(budget.max_latency_ms, dict):
+        return
+    shapes = [f"{b}x{n}" for b in benchmark.batch_sizes for n in benchmark.sequence_lengths]
+    shapes += [str(b) for b in benchmark.batch_sizes]  # models without a sequence axis
+    for shape in budget.max_latency_ms:
+        if shape not in shapes:
+            raise ConfigError(f"{where}: [budget].max_latency_ms has a limit for shape {shape!r}, which [benchmark] "
+                              f"does not measure; it measures {', '.join(shapes[: len(shapes) // 2 or 1])} (batch x "
+                              "sequence length; batch alone for models without a sequence axis)")
+
+
 def _check_data_needs(passes: list[PassSpec], registry: Registry, data: DataSpec | None, where: str) -> None:
     """A pass that needs a split (or labels in it) says so in `data_needs`; a pipeline that cannot give
     them is refused now rather than after the passes before it have run."""
@@ -344,7 +359,28 @@ def resolve_run_dir(spec: PipelineSpec, output: str | None) -> Path:
     for parent in run_dir.parents:
         if parent.exists() and not parent.is_dir():
             raise ConfigError(f"{where}: {run_dir} lies under {parent}, which is a file; choose another run folder")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: {run_dir} cannot be written ({existing} is not writable); choose another "
+                          "run folder")
     return run_dir
+
+
+RUN_FOLDER_MARKS = ("report.json", "pipeline.resolved.json")
+
+
+def check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
+    """A run never mixes with what is in its folder: an existing non-empty folder is refused, and
+    --overwrite replaces only a folder an optitool run wrote (never, say, the current folder by mistake)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"the run folder {run_dir} already exists; pass --overwrite to replace it or "
+                          "--output to choose another")
+    if not any((run_dir / mark).is_file() for mark in RUN_FOLDER_MARKS):
+        raise ConfigError(f"{run_dir} is not empty and is not an optitool run folder (it has no "
+                          f"{' or '.join(RUN_FOLDER_MARKS)}); --overwrite replaces only run folders, so nothing "
+                          "was deleted: choose another --output")
 
 
 def _check_runtimes(benchmark: BenchmarkSpec, registry: Registry, where: str) -> None:

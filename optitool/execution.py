@@ -7,14 +7,17 @@ attention mask when it has a sequence axis.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
+
+if TYPE_CHECKING:
+    import torch
 
 PREFERRED_OUTPUTS = ("logits", "last_hidden_state", "pooler_output")
 
 
-def call_module(module: Any, inputs: dict[str, Any]) -> Any:
+def call_module(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
     """Call a module by input name when its forward takes those names, positionally otherwise
     (nn.Sequential and most vision models take one unnamed tensor)."""
     import inspect
@@ -27,7 +30,7 @@ def call_module(module: Any, inputs: dict[str, Any]) -> Any:
     return module(**inputs) if by_name and params else module(*inputs.values())
 
 
-def module_dtype(module: Any) -> Any:
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
     """The floating dtype a module computes in (its first floating parameter or buffer), float32 if none."""
     import torch
 
@@ -37,14 +40,14 @@ def module_dtype(module: Any) -> Any:
     return torch.float32
 
 
-def inputs_for(module: Any, inputs: dict[str, Any], device: str) -> dict[str, Any]:
+def inputs_for(module: torch.nn.Module, inputs: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     """Inputs moved to `device`, floating ones in the module's own dtype: a pass may leave a model in
     float16 or bfloat16, and feeding it float32 fails (`mat1 and mat2 must have the same dtype`)."""
     dtype = module_dtype(module)
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 
 
-def main_output(output: Any) -> tuple[str, Any]:
+def main_output(output: Any) -> tuple[str, torch.Tensor]:
     """(name, tensor) of the output a user cares about from whatever a torch model returned."""
     if hasattr(output, "keys") and not hasattr(output, "shape"):
         keys = list(output.keys())
@@ -57,7 +60,7 @@ def main_output(output: Any) -> tuple[str, Any]:
     return "output", output
 
 
-def pooled(tensor: Any, attention_mask: Any = None) -> Any:
+def pooled(tensor: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """[batch, features]: masked mean over the sequence axis for 3-D outputs, flattened otherwise."""
     import torch
 
@@ -83,7 +86,7 @@ class Executor:
             self._input_names = [i.name for i in self._session.get_inputs()]
             self._output_names = [o.name for o in self._session.get_outputs()]
 
-    def raw(self, inputs: dict[str, Any]) -> tuple[str, Any]:
+    def raw(self, inputs: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
         import torch
 
         if self._session is not None:
@@ -103,7 +106,7 @@ class Executor:
             name, value = main_output(call_module(module, inputs_for(module, inputs, self.device)))
         return name, value.detach().float().cpu()
 
-    def __call__(self, inputs: dict[str, Any]) -> tuple[str, Any]:
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
         name, value = self.raw(inputs)
         if name == "logits":
             return name, value.reshape(value.shape[0], -1) if value.dim() > 2 else value

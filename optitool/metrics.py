@@ -4,7 +4,10 @@ fidelity to the baseline for any model. Metrics are registered through the metri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -12,9 +15,9 @@ class Evaluation:
     """What a metric sees: this stage's and the baseline's outputs on the same eval inputs."""
 
     output_name: str
-    outputs: Any  # [n, features] float tensor
-    reference: Any  # the baseline's outputs on the same inputs
-    labels: Any  # [n] long tensor or None
+    outputs: torch.Tensor  # [n, features] float tensor
+    reference: torch.Tensor  # the baseline's outputs on the same inputs
+    labels: torch.Tensor | None  # [n] long tensor
     label_names: list[str]
 
     @property

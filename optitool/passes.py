@@ -17,7 +17,7 @@ from optitool.errors import PassError
 
 if TYPE_CHECKING:
     from optitool.artifacts import ModelArtifact
-    from optitool.data.inputs import InputSource
+    from optitool.data.inputs import Batch, InputSource
 
 KINDS = ("torch", "onnx")
 
@@ -145,7 +145,7 @@ class PassContext:
         entry = self.state.get("_handed_on", {}).pop(key, None)
         return entry[0] if entry else None
 
-    def batches(self, split: str, batch_size: int, *, limit: int | None = None) -> Iterator[Any]:
+    def batches(self, split: str, batch_size: int, *, limit: int | None = None) -> Iterator[Batch]:
         if self.inputs is None:
             raise PassError(f"pass {self.pass_name!r} needs data, but the pipeline has no inputs for it")
         return self.inputs.batches(split, batch_size, limit=limit)

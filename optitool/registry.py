@@ -5,10 +5,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optitool.errors import PluginError
 from optitool.passes import KINDS, Pass, PassConfig
+
+if TYPE_CHECKING:
+    from optitool.bench.runtimes import Runtime
+    from optitool.metrics import Evaluation
+    from optitool.models.base import Loader
 
 
 @dataclass(frozen=True)
@@ -105,12 +110,12 @@ class PluginRegistry:
         """Every loader registered in this run (a loader that rebuilds saved stages needs the others)."""
         return self._registry.loader_view()
 
-    def add_loader(self, loader: Any) -> None:
+    def add_loader(self, loader: Loader) -> None:
         """A loader has `name`, `kind`, `load(spec, base_dir)` and optionally `validate(spec, base_dir, where)`."""
         self._put(self._registry.loaders, "loader", loader.name, loader)
 
-    def add_runtime(self, runtime: Any) -> None:
+    def add_runtime(self, runtime: type[Runtime]) -> None:
         self._put(self._registry.runtimes, "runtime", runtime.name, runtime)
 
-    def add_metric(self, name: str, fn: Callable[..., Any]) -> None:
+    def add_metric(self, name: str, fn: Callable[[Evaluation], float | None]) -> None:
         self._put(self._registry.metrics, "metric", name, fn)

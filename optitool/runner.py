@@ -19,7 +19,7 @@ from typing import Any
 from optitool import atomic
 from optitool.artifacts import ModelArtifact, OnnxModel
 from optitool.bench.memory import rss_mb
-from optitool.config import PipelineSpec, resolve_run_dir
+from optitool.config import PipelineSpec, check_run_dir_free, resolve_run_dir
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
 from optitool.passes import PassContext
 from optitool.plugins import Plugins
@@ -110,9 +110,7 @@ class RunResult:
 
 def prepare_run_dir(spec: PipelineSpec, output: str | None, overwrite: bool) -> Path:
     run_dir = resolve_run_dir(spec, output)
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"the run folder {run_dir} already exists; pass --overwrite to replace it or "
-                          "--output to choose another")
+    check_run_dir_free(run_dir, overwrite)
     return run_dir
 
 
@@ -147,9 +145,13 @@ class Runner:
         return model, inputs
 
     def _open_run_dir(self) -> None:
-        if self.run_dir.exists() and self.overwrite:
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.run_dir.exists() and self.overwrite:
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run folder {self.run_dir}: {exc.strerror or exc}; choose another "
+                              "with --output") from None
         if self.spec.source is not None:
             shutil.copyfile(self.spec.source, self.run_dir / "pipeline.toml")
         atomic.write_json(self.run_dir / "pipeline.resolved.json", self.spec.resolved())
@@ -181,9 +183,7 @@ class Runner:
         try:
             with atomic.FolderLock(self.run_dir), \
                     library_output_to_log(logging.getLogger("optitool.library"), verbose=self.verbose):
-                if not self.overwrite and self.run_dir.exists() and any(self.run_dir.iterdir()):
-                    raise ConfigError(f"the run folder {self.run_dir} already exists; pass --overwrite to replace "
-                                      "it or --output to choose another")
+                check_run_dir_free(self.run_dir, self.overwrite)  # again: another run may have made it meanwhile
                 return self._run()
         finally:
             for handler in self._handlers:

@@ -151,9 +151,13 @@ def run_snippet(toml: str, tmp_path: Path, *, plugins: tuple[ModuleType | Any, .
     return SnippetResult(result.report, result.run_dir, result.stages, recorder.names())
 
 
-def contract_inputs(features: int = 16, classes: int = 4, *, seed: int = 0) -> Any:
-    """Inputs for the tiny MLP with every split a pass may need (train, validation, calibration, eval),
-    each labelled: what `check_pass_contract` gives a pass so that it has no reason not to run."""
+def contract_inputs(features: int = 16, classes: int = 4, *, seed: int = 0, tokenizer: Any = None,
+                    input_names: list[str] | None = None) -> Any:
+    """Inputs with every split a pass may need (train, validation, calibration, eval), each labelled: what
+    `check_pass_contract` gives a pass so that it has no reason not to run. Tensors `x` of `features` for
+    the tiny MLP, or, with a `tokenizer`, labelled text from a seeded word sampler (for a text model)."""
+    import random
+
     import torch
 
     from optitool.data.inputs import InputSource
@@ -161,13 +165,22 @@ def contract_inputs(features: int = 16, classes: int = 4, *, seed: int = 0) -> A
     from optitool.spec import InputSpec
 
     generator = torch.Generator().manual_seed(seed)
+    words = random.Random(seed)
     sizes = {"train": 32, "validation": 8, "calibration": 16, "eval": 16}
     splits = {}
     for split, size in sizes.items():
+        if tokenizer is not None:
+            splits[split] = [Example(" ".join(words.choice(WORDS) for _ in range(10)), i % classes)
+                             for i in range(size)]
+            continue
         x = torch.rand(size, features, generator=generator)
         splits[split] = [Example(None, int(i % classes), {"x": x[i]}) for i in range(size)]
-    return InputSource(Dataset(splits, [f"class{i}" for i in range(classes)]),
-                       input_specs={"x": InputSpec(shape=["batch", features])}, input_names=["x"], seed=seed)
+    labels = [f"class{i}" for i in range(classes)]
+    if tokenizer is not None:
+        return InputSource(Dataset(splits, labels), tokenizer=tokenizer, input_names=input_names, max_length=16,
+                           seed=seed)
+    return InputSource(Dataset(splits, labels), input_specs={"x": InputSpec(shape=["batch", features])},
+                       input_names=["x"], seed=seed)
 
 
 def _tiny_onnx(folder: Path) -> Any:
@@ -191,8 +204,8 @@ def check_pass_contract(pass_class: type, *, settings: dict[str, Any] | None = N
     Checks: registration through a plugin (exactly once), settings round-trip and refuse unknown keys,
     a model of a kind the pass does not take is refused before anything runs, and on every kind it
     takes, `run` succeeds on a tiny model with every data split it may need and returns a model of the
-    declared kind that still runs. `model` replaces the tiny MLP (a TorchModel or an OnnxModel whose
-    input is `x` of shape [batch, 16]).
+    declared kind that still runs. `model` replaces the tiny MLP: a TorchModel or an OnnxModel with a
+    tokenizer (it then gets labelled text, 4 classes) or whose input is `x` of shape [batch, 16].
     """
     from pydantic import ValidationError
 
@@ -263,7 +276,8 @@ def _check_run(pass_class: type, config: Any, kind: str, artifact: Any, folder: 
     instance.check(kind)
     stage_dir = folder / "stage"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    inputs = contract_inputs()
+    tokenizer = getattr(artifact, "tokenizer", None)
+    inputs = contract_inputs(tokenizer=tokenizer, input_names=getattr(artifact, "input_names", None) or None)
     ctx = PassContext(device="cpu", seed=0, run_dir=folder, stage_dir=stage_dir, inputs=inputs,
                       logger=logging.getLogger("optitool.contract"), quiet=True, pass_name=pass_class.name)
     try:

@@ -121,6 +121,7 @@ def test_relative_output_folder_with_onnx_passes(write, mlp_module, tmp_path, mo
     ('budget.stage="prune"', "[budget].stage names 'prune'"),
     ('output.dir="runs/{nme}"', "unknown placeholder {nme}"),
     ('model.inputs.x=["batch", 0]', "at least 1"),
+    ('budget.max_latency_ms={ "9x9" = 10 }', "shape '9x9', which [benchmark] does not measure"),
 ])
 def test_configuration_errors_are_found_by_validate(mlp_pipeline, tmp_path, setting, fragment):
     for command in (["validate", str(mlp_pipeline)], ["run", str(mlp_pipeline), "-o", str(tmp_path / "out")]):

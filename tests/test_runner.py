@@ -127,7 +127,36 @@ def test_existing_run_folder_is_refused(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="--overwrite"):
         prepare_run_dir(spec, str(tmp_path / "out"), overwrite=False)
+    (tmp_path / "out" / "report.json").write_text("{}")  # an earlier run's folder: --overwrite may replace it
     assert prepare_run_dir(spec, str(tmp_path / "out"), overwrite=True) == (tmp_path / "out").absolute()
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run_folder(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    project = tmp_path / "my-project"
+    project.mkdir()
+    (project / "train.py").write_text("precious")
+    (project / "p.toml").write_text(MLP)
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(cli, ["run", "p.toml", "--output", ".", "--overwrite"])
+    assert result.exit_code == 2 and "not an optitool run folder" in result.output
+    assert (project / "train.py").read_text() == "precious"
+
+
+def test_a_run_folder_that_cannot_be_created_is_a_clear_error(tmp_path):
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    (tmp_path / "p.toml").write_text(MLP)
+    for output in ("/sys/optitool-test/run", "/proc/optitool-test"):  # not even root may create these
+        result = CliRunner().invoke(cli, ["run", str(tmp_path / "p.toml"), "--output", output])
+        assert result.exit_code == 2, result.output
+        assert "cannot create the run folder" in result.output or "not writable" in result.output
+        assert "unexpected" not in result.output
 
 
 def test_benchmark_fills_stats_and_speedups(tmp_path):

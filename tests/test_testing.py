@@ -54,3 +54,14 @@ def test_every_kind_a_pass_takes_is_checked(tmp_path):
 
 def test_the_builtins_keep_the_contract_with_the_data_it_gives(tmp_path):
     check_pass_contract(Distill, settings={"alpha": 0, "max_steps": 2}, tmp_path=tmp_path)  # needs labels
+
+
+def test_a_text_model_gets_labelled_text_with_every_split(tmp_path, optitool_tiny_bert):
+    from optitool.models.loaders import LOADERS
+    from optitool.spec import ModelSpec
+
+    spec = ModelSpec(source="hf", path=str(optitool_tiny_bert), task="text-classification", num_labels=4,
+                     max_length=16)
+    bert = LOADERS["hf"].load(spec, tmp_path)
+    check_pass_contract(Distill, settings={"alpha": 0, "max_steps": 2, "batch_size": 8}, model=bert,
+                        tmp_path=tmp_path)

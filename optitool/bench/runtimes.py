@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.execution import call_module, inputs_for
+
+# Runs one inference on a batch of named torch tensors and returns once it has finished; it may return
+# its own time in ms (CUDA events), else the caller's clock times it.
+TimedCall = Callable[[dict[str, Any]], float | None]
 
 
 class Runtime:
@@ -19,7 +24,7 @@ class Runtime:
         """Why this runtime cannot run on `device` here, or None when it can."""
         return None if device in self.devices else f"{self.name} does not run on {device}"
 
-    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> Any:  # pragma: no cover
+    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> TimedCall:  # pragma: no cover
         raise NotImplementedError
 
     def notes(self) -> list[str]:
@@ -66,7 +71,7 @@ class TorchEager(Runtime):
             module = copy.deepcopy(module).to(getattr(torch, self.dtype))
         return module.eval()
 
-    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> Any:
+    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> TimedCall:
         import torch
 
         assert isinstance(artifact, TorchModel)
@@ -124,7 +129,7 @@ class OnnxRuntime(Runtime):
                     "install onnxruntime-gpu for CUDA")
         return None
 
-    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> Any:
+    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> TimedCall:
         import onnxruntime as ort
 
         assert isinstance(artifact, OnnxModel)

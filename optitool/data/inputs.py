@@ -13,6 +13,8 @@ from optitool.data.sources import Dataset, Example
 from optitool.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+
     from optitool.spec import InputSpec
 
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 @dataclass
 class Batch:
     inputs: dict[str, Any]
-    labels: Any = None
+    labels: torch.Tensor | None = None
 
 
 class InputSource:
@@ -47,7 +49,7 @@ class InputSource:
     def has_split(self, split: str) -> bool:
         return bool(self.dataset.splits.get(split))
 
-    def tokenize(self, texts: list[str], length: int | None = None) -> dict[str, Any]:
+    def tokenize(self, texts: list[str], length: int | None = None) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(texts, padding="max_length", truncation=True, max_length=length or self.max_length,
                                  return_tensors="pt")
         keep = self.input_names or list(encoded.keys())
@@ -82,7 +84,7 @@ class InputSource:
             return self._from_examples(picked, sequence_length).inputs
         return self.random(batch_size, sequence_length, index=index)
 
-    def random(self, batch_size: int, sequence_length: int | None = None, *, index: int = 0) -> dict[str, Any]:
+    def random(self, batch_size: int, sequence_length: int | None = None, *, index: int = 0) -> dict[str, torch.Tensor]:
         import torch
 
         generator = torch.Generator().manual_seed(self.seed * 1000 + index)

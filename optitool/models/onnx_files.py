@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import onnx
 
 from optitool.errors import ConfigError
 
 TWO_GB = 2 * 1024**3
 
 
-def read_onnx_graph(path: Path) -> Any:
+def read_onnx_graph(path: Path) -> onnx.GraphProto:
     """The graph of an ONNX file (without its external data), or a ConfigError naming the file."""
     import onnx
 
@@ -51,7 +54,7 @@ def copy_onnx(src: Path, dest: Path) -> Path:
     return dest
 
 
-def save_onnx(model: Any, path: Path) -> Path:
+def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
     """Save a ModelProto, with its weights as external data when the file would pass protobuf's 2 GB limit."""
     import onnx
 
