@@ -321,8 +321,16 @@ def _check_stage_names(passes: list[PassSpec], benchmark: BenchmarkSpec, budget:
 
 
 def _check_budget_shapes(benchmark: BenchmarkSpec, budget: BudgetSpec | None, where: str) -> None:
-    """A latency limit for a shape the benchmark never measures could only ever fail."""
-    if budget is None or not isinstance(budget.max_latency_ms, dict):
+    """A latency or memory limit the benchmark never measures could only ever fail."""
+    if budget is None:
+        return
+    timed = [k for k in ("min_speedup", "max_latency_ms", "max_peak_memory_mb") if getattr(budget, k) is not None]
+    if timed and not benchmark.enabled:
+        raise ConfigError(f"{where}: [budget].{timed[0]} needs the benchmark, and [benchmark] enabled = false")
+    if budget.max_peak_memory_mb is not None and not benchmark.memory:
+        raise ConfigError(f"{where}: [budget].max_peak_memory_mb needs memory measurements, and [benchmark] "
+                          "memory = false")
+    if not isinstance(budget.max_latency_ms, dict):
         return
     shapes = [f"{b}x{n}" for b in benchmark.batch_sizes for n in benchmark.sequence_lengths]
     shapes += [str(b) for b in benchmark.batch_sizes]  # models without a sequence axis
@@ -353,7 +361,7 @@ def _check_data_needs(passes: list[PassSpec], registry: Registry, data: DataSpec
 def resolve_run_dir(spec: PipelineSpec, output: str | None) -> Path:
     """The run folder (--output, else [output].dir), absolute; refused when it cannot be a folder."""
     where = "--output" if output else f"{spec.source or 'pipeline'}: [output].dir"
-    run_dir = (Path(output) if output else Path(spec.output.folder(spec.name))).absolute()
+    run_dir = (Path(output) if output else Path(spec.output.folder(spec.name))).expanduser().absolute()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{where}: {run_dir} is an existing file, not a folder; choose another run folder")
     for parent in run_dir.parents:

@@ -125,7 +125,7 @@ def test_relative_output_folder_with_onnx_passes(write, mlp_module, tmp_path, mo
 ])
 def test_configuration_errors_are_found_by_validate(mlp_pipeline, tmp_path, setting, fragment):
     for command in (["validate", str(mlp_pipeline)], ["run", str(mlp_pipeline), "-o", str(tmp_path / "out")]):
-        result = CliRunner().invoke(cli, [*command, "--set", setting])
+        result = CliRunner().invoke(cli, [*command, "--set", setting, "--set", "benchmark.enabled=true"])
         assert result.exit_code == 2, result.output
         assert fragment in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
@@ -160,3 +160,45 @@ def test_a_failing_data_function_names_the_key(write, mlp_module, tmp_path):
     assert result.exit_code == 2, result.output
     assert "[data].function = 'failingdata:rows' raised OSError: disk gone" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("files, data, fragment", [
+    ({"d.jsonl": '{"text": "a b", "label": "x"}\n{"text": "c d"}\n'},
+     '[data]\nsource = "jsonl"\npath = "d.jsonl"\n', "1 of 2 examples have no 'label' (the first: example 2)"),
+    ({"d.csv": b"\xff\xfe\x00garbage"}, '[data]\nsource = "csv"\npath = "d.csv"\n',
+     "d.csv could not be read as csv: UnicodeDecodeError"),
+    ({"d.jsonl": '{"text": "a b"}\n{"text": "c d"}\n'},
+     '[data]\nsource = "jsonl"\npath = "d.jsonl"\nlabel_field = ""\n', "[data] gives text, but the model has no tokenizer"),
+])
+def test_data_the_model_or_the_reader_cannot_use_is_a_clear_error(write, mlp_module, tmp_path, files, data, fragment):
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    pipeline = write("p.toml", MLP_PIPELINE + data)
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "unexpected" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hugging_face_folder_with_a_broken_config_is_named(tmp_path, write):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    pipeline = write("p.toml", '[model]\nsource = "hf"\npath = "model"\n')
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Hugging Face model folder" in result.output and "config" in result.output
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ("budget.min_speedup=2", "[budget].min_speedup needs the benchmark, and [benchmark] enabled = false"),
+    ("budget.max_latency_ms=10", "[budget].max_latency_ms needs the benchmark"),
+])
+def test_a_budget_the_benchmark_cannot_measure_is_found_by_validate(mlp_pipeline, setting, fragment):
+    result = CliRunner().invoke(cli, ["validate", str(mlp_pipeline), "--set", setting])
+    assert result.exit_code == 2 and fragment in result.output
+
+
+def test_a_run_folder_template_may_start_at_home(mlp_pipeline, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(cli, ["run", str(mlp_pipeline), "--set", 'output.dir="~/runs/{name}"'])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "home" / "runs" / "mlp" / "report.json").is_file()

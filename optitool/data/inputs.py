@@ -37,6 +37,11 @@ class InputSource:
         if tokenizer is None and not self.input_specs:
             raise ConfigError("the model has no tokenizer and [model.inputs] is empty, so optitool cannot make "
                               'inputs for it; declare them, e.g. [model.inputs] x = ["batch", 3, 224, 224]')
+        texts = any(e.inputs is None and e.text is not None for split in dataset.splits.values() for e in split)
+        if tokenizer is None and texts:
+            raise ConfigError("[data] gives text, but the model has no tokenizer to turn it into inputs; use a model "
+                              "with one (a Hugging Face folder, or [model] name = a tokenizer folder for an ONNX "
+                              "file), or leave [data] out to evaluate on seeded random [model.inputs]")
 
     @property
     def is_text(self) -> bool:

@@ -116,7 +116,14 @@ def _rows(spec: DataSpec, base_dir: Path) -> list[tuple[str, Any]]:
         path = resolve_path(spec.path, base_dir, where="[data].path")
         if spec.source == "folder":
             return _read_folder(path)
-        records = _records(spec, path)
+        try:
+            records = _records(spec, path)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - csv, parquet and datasets readers raise many types
+            first = (str(exc).splitlines() or [""])[0]
+            raise ConfigError(f"[data].path {path} could not be read as {spec.source}: {type(exc).__name__}: "
+                              f"{first}") from None
     if not records:
         raise ConfigError(f"[data] ({spec.source}): no examples were read")
     for field in (spec.text_field, spec.label_field):
@@ -139,7 +146,12 @@ def load_dataset(spec: DataSpec, base_dir: Path, seed: int) -> Dataset:
     if spec.source in ("synthetic", "samples"):
         return Dataset(splits={}, label_names=[])
     rows = _rows(spec, base_dir)
-    labelled = bool(spec.label_field) and all(label not in (None, "") for _, label in rows)
+    unlabelled = [i for i, (_, label) in enumerate(rows) if label in (None, "")]
+    if spec.label_field and spec.source != "folder" and unlabelled and len(unlabelled) < len(rows):
+        raise ConfigError(f"[data]: {len(unlabelled)} of {len(rows)} examples have no {spec.label_field!r} (the first: "
+                          f"example {unlabelled[0] + 1}); label every example, or set label_field = \"\" to use "
+                          "the text without labels")
+    labelled = bool(spec.label_field) and not unlabelled
     if labelled:
         names = spec.labels or sorted({str(label) for _, label in rows})
         unknown = sorted({str(label) for _, label in rows} - set(names))

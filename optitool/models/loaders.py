@@ -75,7 +75,11 @@ class HfLoader(Loader):
             if not local:
                 raise RunError(f"could not load Hugging Face model {where!r}: {exc}. Without network access, "
                                "point [model].path at a local folder.") from None
-            raise unreadable(_weights_file(Path(where)), exc, "the Hugging Face model's weights") from None
+            weights = _weights_file(Path(where))
+            said = f"{type(exc).__name__}: {exc}"
+            if weights.is_file() and (weights.name in said or "weights_only" in said or "safetensor" in said.lower()):
+                raise unreadable(weights, exc, "the Hugging Face model's weights") from None
+            raise unreadable(Path(where), exc, "the Hugging Face model folder") from None
         module.eval()
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=local)
