@@ -88,7 +88,12 @@ def bench_command(plugins: Any, path: Path, *, source: str, device: str, runtime
         raise ConfigError(f"{path}: optitool bench makes text inputs from the model's tokenizer, and this model has "
                           "none; benchmark it through a pipeline with [model.inputs] instead")
     inputs = InputSource(Dataset({}, []), tokenizer=tokenizer, max_length=max(sequence_lengths), seed=0)
-    benchmark_targets(targets, spec, plugins.registry, device, inputs, logging.getLogger("optitool.bench"))
+    from optitool.report.console import RunConsole
+
+    console = RunConsole(quiet=False)
+    with console.step(f"benchmarking {len(targets)} stage(s) on {device}, interleaved"):
+        benchmark_targets(targets, spec, plugins.registry, device, inputs, logging.getLogger("optitool.bench"),
+                          progress=lambda done, total, shape: console.say(f"  timed shape {shape} ({done}/{total})"))
     return {"schema_version": 1, "name": path.name, "status": "finished", "device": device,
             "environment": describe(threads or None), "benchmark": spec.model_dump(),
             "stages": [t.record for t in targets]}
