@@ -40,6 +40,7 @@ class OnnxModel(ModelArtifact):
     path: Path
     tokenizer: Any = None
     input_names: list[str] = field(default_factory=list)
+    task: str | None = None  # what the model it came from did ("text-generation" for a causal LM)
     kind: ClassVar[str] = "onnx"
 
     def __post_init__(self) -> None:

@@ -50,6 +50,18 @@ def check_budget(report: dict[str, Any], budget: BudgetSpec) -> dict[str, Any]:
         fid = metrics.get("fidelity")
         checks.append(_check("min_fidelity", budget.min_fidelity, fid, fid is not None and fid >= budget.min_fidelity,
                              ""))
+    if budget.max_perplexity_increase is not None:
+        ppl, base_ppl = metrics.get("perplexity"), base_metrics.get("perplexity")
+        rise = None if ppl is None or not base_ppl else ppl / base_ppl - 1
+        checks.append(_check("max_perplexity_increase", budget.max_perplexity_increase, rise,
+                             rise is not None and rise <= budget.max_perplexity_increase, "",
+                             f" (baseline {base_ppl}, {stage['name']} {ppl}; relative)" if rise is not None else
+                             " (perplexity is measured for causal language models on text)"))
+    if budget.min_token_agreement is not None:
+        agreement = metrics.get("token_agreement")
+        checks.append(_check("min_token_agreement", budget.min_token_agreement, agreement,
+                             agreement is not None and agreement >= budget.min_token_agreement, "",
+                             "" if agreement is not None else " (measured for causal language models on text)"))
     if budget.max_size_mb is not None:
         size = metrics.get("size_bytes")
         mb = size / 1e6 if size is not None else None

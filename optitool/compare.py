@@ -22,7 +22,7 @@ from optitool.bench.stats import relative_spread, speedup_interval, spikes
 from optitool.errors import ConfigError
 from optitool.report.table import markdown_table
 
-QUALITY = ("accuracy", "fidelity", "macro_f1", "top1_agreement")
+QUALITY = ("accuracy", "fidelity", "macro_f1", "top1_agreement", "token_agreement")  # higher is better
 KNOWN_SCHEMA_VERSIONS = (1,)
 # Unchanged runs of the embedded default on this project's 2-core VM drifted by up to 3.8 times the larger
 # relative MAD of the two (15 pairs of 6 back-to-back runs, benchmarks/results/bench_repeatability.md);
@@ -103,6 +103,11 @@ def _compare_stage(old: dict[str, Any], stage: dict[str, Any], max_regression: f
         drop = a - b2
         rows.append({"stage": name, "what": key, "base": a, "new": b2, "change": -drop,
                      "verdict": "regression" if drop > max_metric_drop else "unchanged"})
+    old_ppl, new_ppl = old.get("metrics", {}).get("perplexity"), stage.get("metrics", {}).get("perplexity")
+    if old_ppl and new_ppl:  # lower is better; a relative rise beyond max_metric_drop regresses
+        rows.append(_growth_row(name, "perplexity", old_ppl, new_ppl, max_metric_drop))
+    elif old_ppl:
+        rows.append(_absent(name, "perplexity", "missing", "measured in the base, not in the new"))
     return rows
 
 

@@ -1,4 +1,5 @@
-"""Evaluate every stage on the same eval inputs, against the baseline's outputs."""
+"""Evaluate every stage on the same eval inputs, against the baseline: per token for a causal language
+model (optitool.lm), on the main output (accuracy, fidelity, registered metrics) for anything else."""
 
 from __future__ import annotations
 
@@ -63,3 +64,47 @@ def evaluate(artifact: ModelArtifact, batches: list[Any], reference: Any, regist
         if value is not None:
             metrics[metric_name] = round(float(value), 6)
     return metrics, outputs
+
+
+class StageEvaluator:
+    """Evaluates the baseline and then every stage of a run in the same way, on the same inputs."""
+
+    def __init__(self, baseline: ModelArtifact, inputs: InputSource, registry: Registry, device: str,
+                 seed: int) -> None:
+        from optitool.lm import is_causal_lm, token_blocks
+
+        self.baseline, self.inputs, self.registry, self.device = baseline, inputs, registry, device
+        self.causal_lm = is_causal_lm(baseline) and inputs.is_text
+        self.batches = (token_blocks(inputs, "eval", inputs.max_length, seed=seed) if self.causal_lm
+                        else eval_batches(inputs))
+        self.reference: Any = None
+
+    def baseline_metrics(self) -> dict[str, Any]:
+        """The baseline's metrics; refuses data its head cannot take (before anything is written)."""
+        if self.causal_lm:
+            return {**self._lm(self.baseline, None), **self._lm_notes()}
+        metrics, self.reference = evaluate(self.baseline, self.batches, None, self.registry, self.device,
+                                           self.inputs.label_names)
+        return metrics
+
+    def __call__(self, artifact: ModelArtifact) -> dict[str, Any]:
+        if self.causal_lm:
+            return self._lm(artifact, self.baseline)
+        metrics, _ = evaluate(artifact, self.batches, self.reference, self.registry, self.device,
+                              self.inputs.label_names)
+        return metrics
+
+    def _lm(self, artifact: ModelArtifact, baseline: ModelArtifact | None) -> dict[str, Any]:
+        from optitool.lm import lm_metrics
+
+        return lm_metrics(artifact, baseline, self.batches, self.device)
+
+    def _lm_notes(self) -> dict[str, Any]:
+        notes = {}
+        if self.inputs.label_names:
+            notes["labels_ignored"] = ("a causal language model is evaluated on the eval split's text; its labels "
+                                       "are not used")
+        if not self.inputs.has_split("eval"):
+            notes["eval_text"] = ("none: perplexity is over seeded random tokens and means little; agreement and "
+                                  "KL with the baseline still do")
+        return notes

@@ -21,6 +21,7 @@ from optitool.artifacts import ModelArtifact, OnnxModel
 from optitool.bench.memory import rss_mb
 from optitool.config import PipelineSpec, check_run_dir_free, resolve_run_dir
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
+from optitool.lm import is_causal_lm
 from optitool.passes import PassContext
 from optitool.plugins import Plugins
 
@@ -234,22 +235,21 @@ class Runner:
             self._write_report()
 
     def _evaluate_baseline(self, baseline: ModelArtifact, inputs: Any, device: str) -> dict[str, Any]:
-        from optitool.evaluation import eval_batches, evaluate
+        from optitool.evaluation import StageEvaluator
 
-        self.eval_batches = eval_batches(inputs)
+        self.evaluator = StageEvaluator(baseline, inputs, self.registry, device, self.spec.seed)
         try:
-            metrics, self.reference = evaluate(baseline, self.eval_batches, None, self.registry, device,
-                                               inputs.label_names)
+            return self.evaluator.baseline_metrics()
         except OptitoolError:
             raise
         except Exception as exc:  # noqa: BLE001 - the model cannot take the inputs the pipeline makes for it
+            batches = self.evaluator.batches
             shapes = ", ".join(f"{k}: {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
-                               for k, v in self.eval_batches[0].inputs.items()) if self.eval_batches else "none"
+                               for k, v in batches[0].inputs.items()) if batches else "none"
             source = "[model.inputs]" if not inputs.is_text else "the tokenizer and [data]"
             raise ConfigError(f"the model could not run on the inputs made from {source} ({shapes}): "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; make "
                               f"{source} match what the model's forward takes") from None
-        return metrics
 
     def _run_stages(self, baseline: ModelArtifact, baseline_metrics: dict[str, Any], inputs: Any,
                     device: str) -> None:
@@ -285,7 +285,6 @@ class Runner:
 
     def _run_pass_here(self, pass_spec: Any, model: ModelArtifact, inputs: Any, device: str, plugin: str,
                        folder: Path, where: str) -> ModelArtifact:
-        from optitool.evaluation import evaluate
         from optitool.models.store import save_artifact, stage_metrics
 
         instance = pass_spec.make(self.registry)
@@ -311,11 +310,12 @@ class Runner:
                 got = getattr(result, "kind", type(result).__name__)
                 raise RunError(f"{where} returned {got!r}, but it declares that it gives a "
                                f"{pass_spec.output_kind} model")
+            if isinstance(result, OnnxModel) and result.task is None:  # the task survives a change of kind
+                result.task = model.task if isinstance(model, OnnxModel) else (
+                    "text-generation" if is_causal_lm(model) else None)
             file_name, saved = save_artifact(result, tmp)
             metrics = {**stage_metrics(result, saved), **memory.as_metrics(), **ctx.metrics}
-            evaluated, _ = evaluate(result, self.eval_batches, self.reference, self.registry, device,
-                                    inputs.label_names)
-            metrics.update(evaluated)
+            metrics.update(self.evaluator(result))
             record = {"name": pass_spec.stage_name, "pass": pass_spec.pass_name, "plugin": plugin,
                       "kind": result.kind, "artifact": f"{folder.name}/{file_name}", "metrics": metrics,
                       "benchmarks": [], "seconds": round(seconds, 3), "flags": list(ctx.flags)}

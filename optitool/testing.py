@@ -82,6 +82,55 @@ def tiny_bert_dir(folder: Path, *, classes: int | None = None, layers: int = 2) 
     return folder
 
 
+def tiny_causal_lm_dir(folder: Path, *, family: str = "llama", train_steps: int = 200) -> Path:
+    """Save a tiny causal LM (2 layers, hidden 32; "llama": grouped-query attention with 4 query and 2
+    key/value heads, SwiGLU, RMSNorm, tied embeddings; "gpt2": Conv1D layers, tied embeddings) and its
+    tokenizer as a Hugging Face folder, after `train_steps` steps of next-token training on the seeded
+    word corpus, so that perplexity means something (a random model's is the vocabulary size whatever
+    one does to it)."""
+    import random
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    vocab = len(tokenizer)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                         bos_token_id=2, eos_token_id=3, pad_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    elif family == "llama":
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          tie_word_embeddings=True, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"family is 'llama' or 'gpt2', not {family!r}")
+    rng = random.Random(0)
+    ids: list[int] = []
+    for _ in range(200):  # topic-coherent sentences: the next word is predictable from the topic
+        topic = rng.randrange(3)
+        words = WORDS[topic * 8: topic * 8 + 8] if topic < 2 else WORDS[16:]
+        ids += tokenizer(" ".join(rng.choice(words) for _ in range(10)), add_special_tokens=False)["input_ids"] + [3]
+    blocks = torch.tensor([ids[i:i + 16] for i in range(0, len(ids) - 16, 16)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(train_steps):
+        batch = blocks[(step * 8) % len(blocks):][:8]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def text_folder(folder: Path, *, per_label: int = 12) -> Path:
     """A labelled text corpus laid out like BBC News (<label>/*.txt), from a seeded word sampler."""
     import random
@@ -304,6 +353,12 @@ def optitool_tiny_mlp() -> Any:
 @pytest.fixture
 def optitool_tiny_bert(tmp_path: Path) -> Path:
     return tiny_bert_dir(tmp_path / "tiny-bert")
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def optitool_tiny_causal_lm(request: Any, tmp_path_factory: Any) -> Path:
+    """A trained tiny causal LM folder, once as a Llama and once as a GPT-2 (Conv1D) model."""
+    return tiny_causal_lm_dir(tmp_path_factory.mktemp(f"tiny-{request.param}"), family=request.param)
 
 
 @pytest.fixture

@@ -65,7 +65,8 @@ class HfLoader(Loader):
 
         where = str(resolve_path(spec.path, base_dir, where="[model].path")) if spec.path else spec.name
         local = spec.path is not None
-        auto = getattr(transformers, HF_TASKS[spec.task or "feature-extraction"])
+        task = spec.task or (default_task(Path(where)) if local else "feature-extraction")
+        auto = getattr(transformers, HF_TASKS[task])
         kwargs = dict(spec.kwargs)
         if spec.num_labels is not None:
             kwargs["num_labels"] = spec.num_labels
@@ -202,6 +203,18 @@ class StageLoader(Loader):
         return load_stage(resolve_path(spec.path, base_dir, where="[model].path"), self._loaders or LOADERS)
 
 
+def default_task(folder: Path) -> str:
+    """The task a Hugging Face folder's own config names: a causal LM is loaded with its LM head (a bare
+    AutoModel would drop it), anything else as a feature extractor."""
+    from optitool.lm import CAUSAL_LM_SUFFIXES
+
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return "feature-extraction"
+    return "text-generation" if any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures) else "feature-extraction"
+
+
 def _weights_file(folder: Path) -> Path:
     """The file a Hugging Face folder keeps its weights in (for messages about it)."""
     for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt"):
@@ -240,7 +253,8 @@ def load_stage(folder: Path, loaders: Mapping[str, Loader]) -> ModelArtifact:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(meta["tokenizer"], local_files_only=True)
-        return OnnxModel(folder / "model.onnx", tokenizer=tokenizer, input_names=meta.get("input_names", []))
+        return OnnxModel(folder / "model.onnx", tokenizer=tokenizer, input_names=meta.get("input_names", []),
+                         task=meta.get("task"))
     meta = json.loads((folder / "model.json").read_text())
     if not meta.get("reloadable", True):
         raise ConfigError(f"stage {folder} was saved for the record only ({meta.get('why', 'not reloadable')})")

@@ -61,7 +61,7 @@ def save_artifact(artifact: ModelArtifact, folder: Path) -> tuple[str, int]:
         target = folder / "model.onnx"
         if artifact.path.resolve() != target.resolve():
             copy_onnx(artifact.path, target)
-        meta = {"kind": "onnx", "input_names": artifact.input_names,
+        meta = {"kind": "onnx", "input_names": artifact.input_names, "task": artifact.task,
                 "tokenizer": getattr(artifact.tokenizer, "name_or_path", None)}
         (folder / "model.json").write_text(json.dumps(meta, indent=2))
         return "model.onnx", onnx_size_bytes(target)

@@ -88,7 +88,8 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
     stages = report.get("stages", [])
     written = []
     key = quality_key(report)
-    label = "accuracy" if key == "accuracy" else "fidelity (cosine to the baseline)"
+    label = {"accuracy": "accuracy", "perplexity": "perplexity (lower is better)"}.get(
+        key, "fidelity (cosine to the baseline)")
     shapes = _by_shape(stages)
     quality = {s["name"]: s.get("metrics", {}).get(key) for s in stages}
     panels = [(shape, [(b["median_ms"], quality[name], name, b["runtime"]) for name, b in measured.items()
@@ -97,7 +98,8 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
         for ax, (shape, pts) in zip(axes[0], panels, strict=True):
-            front = set(pareto([(p[0], p[1]) for p in pts]))
+            sign = -1.0 if key == "perplexity" else 1.0  # the front wants higher quality
+            front = set(pareto([(p[0], sign * p[1]) for p in pts]))
             for i, (lat, q, _, _) in enumerate(pts):
                 ax.scatter(lat, q, s=40, color="tab:red" if i in front else "tab:gray", zorder=3)
             fp = sorted((pts[i][0], pts[i][1]) for i in front)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-QUALITY_KEYS = ("accuracy", "fidelity")
+QUALITY_KEYS = ("accuracy", "perplexity", "fidelity")
 
 
 def _shapes(report: dict[str, Any]) -> list[str]:
@@ -26,7 +26,8 @@ def _runtimes(stage: dict[str, Any]) -> list[str]:
 
 
 def quality_key(report: dict[str, Any]) -> str:
-    """Accuracy when any stage has it (labelled data and a classifier), fidelity otherwise."""
+    """Accuracy when any stage has it (labelled data and a classifier), perplexity for a causal language
+    model, fidelity otherwise."""
     stages = report.get("stages", [])
     return next((k for k in QUALITY_KEYS if any(s.get("metrics", {}).get(k) is not None for s in stages)),
                 "fidelity")
@@ -41,7 +42,9 @@ def _quality(metrics: dict[str, Any], key: str) -> str:
     value = metrics.get(key)
     if value is None:
         return "-"
-    return f"{value:.2%}" if key == "accuracy" else f"{value:.4f}"
+    if key == "accuracy":
+        return f"{value:.2%}"
+    return f"{value:.3f}" if key == "perplexity" else f"{value:.4f}"
 
 
 def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -104,7 +107,7 @@ def terminal_table(report: dict[str, Any], width: int | None = None) -> str:
 
     header, rows = stage_rows(report)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False)  # 2 spaces apart
-    numeric = {"size MB", " ms", "speedup", "accuracy", "fidelity"}
+    numeric = {"size MB", " ms", "speedup", *QUALITY_KEYS}
     for name in header:
         table.add_column(name, justify="right" if any(n in name for n in numeric) else "left", no_wrap=True)
     for row in rows:

@@ -14,6 +14,11 @@ DEFAULT_EXCLUDE = ["*classifier*", "*lm_head*", "*pooler*", "*score*"]
 N_M = re.compile(r"^(\d+):(\d+)$")
 
 
+def is_hf_conv1d(module: Any) -> bool:
+    """transformers' Conv1D (GPT-2 family): a Linear whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
 class PruneConfig(PassConfig):
     sparsity: float | None = Field(None, gt=0, lt=1, description="fraction of covered weights (or units) removed")
     pattern: str = Field("unstructured", description="unstructured, N:M (e.g. 2:4, N kept of every M) or structured")
@@ -58,13 +63,14 @@ class MagnitudePrune(Pass):
     gives = "torch"
 
     def covered(self, module: Any) -> dict[str, Any]:
-        """Weights of Linear and Conv layers whose names match include and not exclude."""
+        """Weights of Linear and Conv layers (GPT-2's transposed Conv1D included) whose names match include
+        and not exclude."""
         import torch
 
         cfg: PruneConfig = self.config
         found = {}
         for name, sub in module.named_modules():
-            if not isinstance(sub, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d):
+            if not (isinstance(sub, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d) or is_hf_conv1d(sub)):
                 continue
             if any(fnmatch.fnmatch(name, p) for p in cfg.include) and not any(
                     fnmatch.fnmatch(name, p) for p in cfg.exclude):
@@ -79,7 +85,7 @@ class MagnitudePrune(Pass):
         cfg: PruneConfig = self.config
         weights = self.covered(model.module)
         if not weights:
-            raise PassError(f"no Linear or Conv weights match include={cfg.include} exclude={cfg.exclude}")
+            raise PassError(f"no Linear, Conv or Conv1D weights match include={cfg.include} exclude={cfg.exclude}")
         if cfg.schedule == "cubic":
             return self._hand_on_gradual(model, weights, ctx)
         match = N_M.match(cfg.pattern)
@@ -88,9 +94,10 @@ class MagnitudePrune(Pass):
         if match:
             n, m = int(match[1]), int(match[2])
             masks = {}
+            transposed = {f"{n_}.weight" for n_, sub in model.module.named_modules() if is_hf_conv1d(sub)}
             for name, w in weights.items():
-                try:
-                    masks[name] = n_m_mask(w, n, m)
+                try:  # groups run along the input dimension: the first of a Conv1D's [in, out] weight
+                    masks[name] = n_m_mask(w.t(), n, m).t() if name in transposed else n_m_mask(w, n, m)
                 except ValueError as exc:
                     raise PassError(f"{name}: {exc}; exclude that layer for pattern {cfg.pattern}") from None
             ctx.metrics["runtime_note"] = (f"{cfg.pattern} sparsity runs faster only where a kernel exploits it: "

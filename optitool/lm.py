@@ -1,0 +1,100 @@
+"""Causal language models are judged per token, not as a vector of flattened logits.
+
+A run whose baseline is a causal LM is evaluated on fixed-length blocks of real text (its eval split
+tokenized, joined and cut, seeded), and every stage gets, over the real (unpadded) next-token positions:
+perplexity (token-weighted), top-1 agreement of its next-token prediction with the baseline's, and the mean
+KL divergence from the baseline's next-token distribution. The baseline runs beside each stage batch by
+batch, so no full-vocabulary logits are kept for the split: memory does not grow with its size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
+
+if TYPE_CHECKING:
+    from optitool.data.inputs import Batch, InputSource
+
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+BLOCK_BATCH = 4
+RANDOM_BLOCKS = 8
+
+
+def is_causal_lm_config(config: Any) -> bool:
+    """A Hugging Face config whose architecture predicts the next token."""
+    names = list(getattr(config, "architectures", None) or [])
+    return any(n.endswith(CAUSAL_LM_SUFFIXES) for n in names)
+
+
+def is_causal_lm(artifact: ModelArtifact) -> bool:
+    """A torch causal LM (by its class), or an ONNX model exported from one (recorded with the stage)."""
+    if isinstance(artifact, TorchModel):
+        return type(artifact.module).__name__.endswith(CAUSAL_LM_SUFFIXES)
+    return isinstance(artifact, OnnxModel) and artifact.task == "text-generation"
+
+
+def token_blocks(inputs: InputSource, split: str, length: int, *, seed: int) -> list[Batch]:
+    """The split's texts tokenized, joined with the end-of-text token and cut into blocks of `length`
+    tokens (the last partial block dropped), in batches. Without text: seeded random token blocks."""
+    import torch
+
+    from optitool.data.inputs import Batch
+
+    tokenizer = inputs.tokenizer
+    ids: list[int] = []
+    if inputs.has_split(split):
+        separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for example in inputs.dataset.split(split):
+            ids += tokenizer(example.text or "", add_special_tokens=False)["input_ids"] + separator
+    blocks = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
+    if not blocks:
+        generator = torch.Generator().manual_seed(seed)
+        vocab = len(tokenizer)
+        blocks = torch.randint(0, vocab, (RANDOM_BLOCKS, length), generator=generator).tolist()
+    out = []
+    for start in range(0, len(blocks), BLOCK_BATCH):
+        chunk = torch.tensor(blocks[start:start + BLOCK_BATCH], dtype=torch.long)
+        out.append(Batch({"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}))
+    return out
+
+
+def _next_token_stats(logits: Any, base_logits: Any | None, batch: Batch) -> dict[str, float]:
+    import torch.nn.functional as F
+
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    logits = logits[:, :-1].float()
+    target, real = ids[:, 1:], mask[:, 1:].bool()
+    log_q = F.log_softmax(logits, dim=-1)
+    nll = -log_q.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    stats = {"nll": float(nll[real].sum()), "tokens": float(real.sum())}
+    if base_logits is not None:
+        log_p = F.log_softmax(base_logits[:, :-1].float(), dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        agree = log_p.argmax(-1) == log_q.argmax(-1)
+        stats.update(kl=float(kl[real].sum()), agree=float(agree[real].sum()))
+    return stats
+
+
+def lm_metrics(stage: ModelArtifact, baseline: ModelArtifact | None, batches: list[Batch],
+               device: str) -> dict[str, float]:
+    """Perplexity of `stage`, and (when `baseline` is given) its next-token agreement with and mean KL
+    from the baseline, streamed over `batches`."""
+    from optitool.execution import Executor
+
+    run = Executor(stage, device if stage.kind == "torch" else "cpu")
+    base = Executor(baseline, device if baseline.kind == "torch" else "cpu") if baseline is not None else None
+    totals = {"nll": 0.0, "tokens": 0.0, "kl": 0.0, "agree": 0.0}
+    for batch in batches:
+        _, logits = run.raw(batch.inputs)
+        base_logits = base.raw(batch.inputs)[1] if base is not None else None
+        for key, value in _next_token_stats(logits, base_logits, batch).items():
+            totals[key] += value
+    tokens = max(totals["tokens"], 1.0)
+    metrics = {"perplexity": round(math.exp(totals["nll"] / tokens), 4), "eval_tokens": int(totals["tokens"])}
+    if base is not None:
+        metrics.update(token_agreement=round(totals["agree"] / tokens, 6), kl_to_baseline=round(totals["kl"] / tokens, 6))
+    else:
+        metrics.update(token_agreement=1.0, kl_to_baseline=0.0)
+    return metrics
