@@ -211,6 +211,7 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
     _check_kinds(passes, registry, _initial_kind(model, registry), where)
     _check_runtimes(benchmark, registry, where)
     _check_stage_names(passes, benchmark, budget, where)
+    _check_context(model, data, benchmark, registry, base_dir, where)
     _check_budget_shapes(benchmark, budget, where)
     _check_data_needs(passes, registry, data, where)
     spec = PipelineSpec(name=name, seed=seed, model=model, data=data, passes=passes, benchmark=benchmark,
@@ -318,6 +319,25 @@ def _check_stage_names(passes: list[PassSpec], benchmark: BenchmarkSpec, budget:
         if name not in names:
             raise ConfigError(f"{where}: {key} names {name!r}, which is not a stage of this pipeline; its stages "
                               f"are {', '.join(names)}" + (" (and 'final', the last)" if key == "[budget].stage" else ""))
+
+
+def _check_context(model: ModelSpec, data: DataSpec | None, benchmark: BenchmarkSpec, registry: Registry,
+                   base_dir: Path, where: str) -> None:
+    """Sequence lengths beyond what the model takes fail deep inside it after minutes of loading: refuse
+    them now where the model's files say its context length."""
+    loader = registry.loaders[model.source].obj
+    limit = loader.context_length(model, base_dir) if hasattr(loader, "context_length") else None
+    if limit is None:
+        return
+    asked = [("[model].max_length", model.max_length)]
+    if data is not None and data.max_length:
+        asked.append(("[data].max_length", data.max_length))
+    if benchmark.enabled:
+        asked += [("[benchmark].sequence_lengths", n) for n in benchmark.sequence_lengths]
+    for key, length in asked:
+        if length > limit:
+            raise ConfigError(f"{where}: {key} asks for {length} tokens, but the model takes at most {limit} "
+                              "(its context length)")
 
 
 def _check_budget_shapes(benchmark: BenchmarkSpec, budget: BudgetSpec | None, where: str) -> None:

@@ -131,6 +131,63 @@ def tiny_causal_lm_dir(folder: Path, *, family: str = "llama", train_steps: int 
     return folder
 
 
+def tiny_gguf_file(path: Path, *, train_steps: int = 200) -> Path:
+    """The tiny Llama of `tiny_causal_lm_dir` written as a float32 GGUF file (llama.cpp's tensor names and
+    rotary layout, its tokenizer as a vocabulary list), for testing the gguf loader without a download."""
+    import gguf
+    import transformers
+
+    folder = tiny_causal_lm_dir(path.parent / f"{path.stem}-hf", family="llama", train_steps=train_steps)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    cfg, state = model.config, model.state_dict()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(cfg.vocab_size)
+    tokens = [tok for tok, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([1] * len(tokens))
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_unk_token_id(1)
+
+    def tensor(name: str) -> Any:
+        return state[name].float().numpy()
+
+    def rotary(weight: Any, heads: int) -> Any:  # llama.cpp stores q and k with the halves interleaved
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+            weight.shape)
+
+    writer.add_tensor("token_embd.weight", tensor("model.embed_tokens.weight"))
+    writer.add_tensor("output_norm.weight", tensor("model.norm.weight"))
+    names = {"attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_q.weight", rotary(tensor(prefix + "self_attn.q_proj.weight"),
+                                                           cfg.num_attention_heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", rotary(tensor(prefix + "self_attn.k_proj.weight"),
+                                                           cfg.num_key_value_heads))
+        for gguf_name, hf_name in names.items():
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", tensor(f"{prefix}{hf_name}.weight"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def text_folder(folder: Path, *, per_label: int = 12) -> Path:
     """A labelled text corpus laid out like BBC News (<label>/*.txt), from a seeded word sampler."""
     import random

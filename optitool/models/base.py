@@ -29,6 +29,11 @@ class Loader:
         if spec.checkpoint is not None:
             self.existing(spec.checkpoint, base_dir, f"{where}: [model].checkpoint")
 
+    def context_length(self, spec: ModelSpec, base_dir: Path) -> int | None:
+        """The longest sequence the model takes, when its files say so without loading it (None: unknown).
+        Sequence lengths asked of the model beyond it are refused before anything loads."""
+        return None
+
     @staticmethod
     def existing(value: str, base_dir: Path, where: str) -> Path:
         path = resolve_path(value, base_dir, where=where)
@@ -105,8 +110,10 @@ def check_fits(module: Any, state: dict[str, Any], what: str) -> None:
     if unexpected:
         raise ConfigError(f"{what} does not fit the model: it has {len(unexpected)} tensors the model does not "
                           f"have (the first: {unexpected[0]!r})")
-    parameters = {name for name, _ in module.named_parameters()}
-    missing = sorted(parameters - set(state))
+    aliases: dict[int, list[str]] = {}  # a tied weight (an LM head sharing the embedding) has several names
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    missing = sorted(names[0] for names in aliases.values() if not any(n in state for n in names))
     if missing:
         raise ConfigError(f"{what} does not fit the model: it lacks {len(missing)} of the model's parameters "
                           f"(the first: {missing[0]!r})")

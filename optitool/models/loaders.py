@@ -60,6 +60,16 @@ class HfLoader(Loader):
                                   "is not a Hugging Face model folder")
         super().validate(spec.model_copy(update={"path": None}), base_dir, where)
 
+    def context_length(self, spec: ModelSpec, base_dir: Path) -> int | None:
+        if not spec.path:
+            return None
+        try:
+            config = json.loads((resolve_path(spec.path, base_dir, where="[model].path") / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        found = [config.get(k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")]
+        return next((int(v) for v in found if isinstance(v, int) and v > 0), None)
+
     def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
         import transformers
 
@@ -141,6 +151,79 @@ class TorchvisionLoader(Loader):
         module.eval()
         inputs = list(spec.inputs) or ["x"]
         return TorchModel(module, origin=self.origin(spec, base_dir), input_names=inputs)
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_architecture(path: Path, where: str) -> str:
+    """The architecture a GGUF file declares, read from its header (memory-mapped, no weights loaded)."""
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ConfigError(f"{where} = {str(path)!r}: cannot read it: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise ConfigError(f"{where} = {str(path)!r} is not a GGUF file (it does not start with 'GGUF'); "
+                          "it may be corrupt or of another format")
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways inside the reader
+        raise unreadable(path, exc, "GGUF file") from None
+
+
+class GgufLoader(Loader):
+    """A GGUF file (llama.cpp's format): its weights dequantized to float32 by transformers, its tokenizer
+    and chat template with it. A model from a 4-bit file is judged against that dequantized model."""
+
+    name = "gguf"
+
+    def validate(self, spec: ModelSpec, base_dir: Path, where: str) -> None:
+        super().validate(spec, base_dir, where)
+        path = resolve_path(spec.path, base_dir, where=f"{where}: [model].path")
+        if not path.is_file():
+            raise ConfigError(f"{where}: [model].path = {spec.path!r}: {path} is not a file")
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError(f"{where}: [model] source = 'gguf' needs the gguf package (pip install "
+                              "\"optitool[llm]\")")
+        architecture = gguf_architecture(path, f"{where}: [model].path")
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+            known = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+            raise ConfigError(f"{where}: [model].path = {spec.path!r} holds a {architecture!r} model, which this "
+                              f"transformers cannot load from GGUF; it loads {known}")
+
+    def context_length(self, spec: ModelSpec, base_dir: Path) -> int | None:
+        import gguf
+
+        path = resolve_path(spec.path, base_dir, where="[model].path")
+        try:
+            reader = gguf.GGUFReader(str(path))
+            architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+            field = reader.fields.get(f"{architecture}.context_length")
+            return int(field.parts[field.data[0]][0]) if field is not None else None
+        except Exception:  # noqa: BLE001 - validate already refused a file it cannot read
+            return None
+
+    def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
+        import torch
+        import transformers
+
+        path = resolve_path(spec.path, base_dir, where="[model].path")
+        try:
+            module = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True, **spec.kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                   local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for what it cannot convert
+            raise unreadable(path, exc, "GGUF file") from None
+        module.eval()
+        return TorchModel(module, origin=self.origin(spec, base_dir), tokenizer=tokenizer,
+                          input_names=["input_ids", "attention_mask"])
 
 
 class TorchScriptLoader(Loader):
@@ -276,5 +359,5 @@ def load_stage(folder: Path, loaders: Mapping[str, Loader]) -> ModelArtifact:
 LOADERS: dict[str, Loader] = {
     loader.name: loader
     for loader in (HfLoader(), PythonLoader(), TorchvisionLoader(), TorchScriptLoader(), ExportedProgramLoader(),
-                   OnnxLoader(), StageLoader())
+                   OnnxLoader(), GgufLoader(), StageLoader())
 }

@@ -177,3 +177,44 @@ def test_a_shallow_and_narrower_stage_reloads_from_its_recorded_structure(tmp_pa
     again = LOADERS["stage"].load(Spec(source="stage", path=str(tmp_path / "stage")), tmp_path)
     assert len(again.module[0]) == 2 and again.module[1].weight.shape == (2, 8)
     assert torch.equal(again.module[1].weight, module[1].weight)
+
+
+def test_a_gguf_file_loads_as_the_causal_lm_it_holds(tmp_path):
+    import transformers
+
+    from optitool.testing import tiny_gguf_file
+
+    path = tiny_gguf_file(tmp_path / "tiny.gguf", train_steps=5)
+    artifact = load("gguf", tmp_path, path="tiny.gguf")
+    original = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-hf")
+    ids = torch.tensor([[5, 9, 12, 7, 20]])
+    with torch.no_grad():
+        assert torch.allclose(artifact.module(ids).logits, original(ids).logits, atol=1e-5)
+    assert type(artifact.module).__name__ == "LlamaForCausalLM" and artifact.tokenizer is not None
+    assert artifact.origin["source"] == "gguf" and artifact.origin["path"] == str(path.resolve())
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("garbage", "is not a GGUF file"),
+    ("truncate", "GGUF file"),
+    ("architecture", "holds a 'notamodel' model, which this transformers cannot load from GGUF"),
+])
+def test_a_gguf_file_transformers_cannot_load_is_refused_before_loading(tmp_path, damage, fragment):
+    import gguf
+
+    from optitool.testing import tiny_gguf_file
+
+    path = tmp_path / "bad.gguf"
+    if damage == "garbage":
+        path.write_bytes(b"\x00not a model" * 100)
+    elif damage == "truncate":
+        data = tiny_gguf_file(tmp_path / "ok.gguf", train_steps=1).read_bytes()
+        path.write_bytes(data[:200])
+    else:
+        writer = gguf.GGUFWriter(str(path), "notamodel")
+        writer.add_block_count(1)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+    with pytest.raises(ConfigError, match=fragment):
+        LOADERS["gguf"].validate(ModelSpec(source="gguf", path=str(path)), tmp_path, "test")
