@@ -353,12 +353,14 @@ def _check_budget_shapes(benchmark: BenchmarkSpec, budget: BudgetSpec | None, wh
     if not isinstance(budget.max_latency_ms, dict):
         return
     shapes = [f"{b}x{n}" for b in benchmark.batch_sizes for n in benchmark.sequence_lengths]
+    shapes += [f"{s} {measure}" for s in list(shapes) for measure in ("ttft", "decode")]  # causal LMs
     shapes += [str(b) for b in benchmark.batch_sizes]  # models without a sequence axis
     for shape in budget.max_latency_ms:
         if shape not in shapes:
-            raise ConfigError(f"{where}: [budget].max_latency_ms has a limit for shape {shape!r}, which [benchmark] "
-                              f"does not measure; it measures {', '.join(shapes[: len(shapes) // 2 or 1])} (batch x "
-                              "sequence length; batch alone for models without a sequence axis)")
+            raise ConfigError(f"{where}: [budget].max_latency_ms has a limit for shape {shape!r}, which "
+                              f"[benchmark] does not measure; it measures {', '.join(shapes)} (batch x sequence "
+                              "length; '<shape> ttft' and '<shape> decode' for causal language models; batch "
+                              "alone for models without a sequence axis)")
 
 
 def _check_data_needs(passes: list[PassSpec], registry: Registry, data: DataSpec | None, where: str) -> None:

@@ -357,9 +357,10 @@ class Runner:
             self.console.say(f"  timed shape {shape} ({done}/{total})")
 
         try:
-            with self.console.step(f"benchmarking {len(targets)} stages on {device}, interleaved"):
+            what = "generation" if self.evaluator.causal_lm else "benchmarking"
+            with self.console.step(f"{what} of {len(targets)} stages on {device}, interleaved"):
                 benchmark_targets(targets, self.spec.benchmark, self.registry, device, inputs, self.log,
-                                  progress=shape_done)
+                                  progress=shape_done, generation=self.evaluator.causal_lm)
         except OptitoolError:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -109,6 +109,7 @@ class BenchmarkSpec(_Section):
     max_iterations: int = Field(default=200, ge=3)
     min_seconds: float = Field(default=1.0, ge=0)
     threads: int = Field(default=0, ge=0)
+    new_tokens: int = Field(default=32, ge=2)  # causal LMs: tokens generated after each prompt
     memory: bool = True
     stages: list[str] | Literal["all"] = "all"
 

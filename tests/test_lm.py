@@ -129,3 +129,26 @@ def test_lengths_beyond_the_context_are_refused_before_loading(tmp_path, setting
         result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml"), "--set", setting])
         assert result.exit_code == 2 and "the model takes at most 64 (its context length)" in result.output, \
             result.output
+
+
+def test_a_causal_lm_is_benchmarked_in_generation_interleaved_across_runtimes(tmp_path, optitool_text_folder):
+    """Time to first token and time per further token (tokens/s), with torch's KV cache and with an ONNX
+    graph that has none (re-running the prefix for every token, as the report says), in one loop."""
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=5)
+    snippet = lm_snippet(folder, optitool_text_folder, '[[passes]]\npass = "onnx_export"\n').replace(
+        "[benchmark]\nsequence_lengths = [16]\n",
+        "[benchmark]\nsequence_lengths = [16]\nbatch_sizes = [1]\nnew_tokens = 8\nwarmup = 1\nmin_iterations = 3\n"
+        "max_iterations = 3\nmin_seconds = 0\nmemory = false\n")
+    report = run_snippet(snippet, tmp_path, benchmark=True).report
+    base, exported = report["stages"]
+    entries = {(s["name"], b["shape"]): b for s in report["stages"] for b in s["benchmarks"]}
+    assert set(entries) == {(n, f"1x16 {m}") for n in ("baseline", "onnx_export") for m in ("ttft", "decode")}
+    for entry in entries.values():
+        assert entry["iterations"] == 3 and entry["new_tokens"] == 8 and entry["median_ms"] > 0
+    decode = entries[("onnx_export", "1x16 decode")]
+    assert decode["throughput_per_s"] == pytest.approx(1000 / decode["median_ms"], rel=1e-3)  # tokens/s
+    assert any("no KV cache" in n for n in decode["notes"])
+    assert decode["loop"] == entries[("baseline", "1x16 decode")]["loop"]
+    assert decode["speedup_vs_baseline"]["interleaved"] and decode["speedup_vs_baseline"]["runtime"] == "torch_eager"

@@ -11,6 +11,9 @@ from optitool.execution import call_module, inputs_for
 # Runs one inference on a batch of named torch tensors and returns once it has finished; it may return
 # its own time in ms (CUDA events), else the caller's clock times it.
 TimedCall = Callable[[dict[str, Any]], float | None]
+# Generates `new_tokens` greedily after a prompt (input_ids, attention_mask); returns the time to the first
+# token (the prefill) and the mean time of each further token, both in ms.
+GenerateCall = Callable[[dict[str, Any], int], tuple[float, float]]
 
 
 class Runtime:
@@ -30,6 +33,25 @@ class Runtime:
     def notes(self) -> list[str]:
         """Anything the report should say about how the model ran (fallbacks, unfused nodes)."""
         return []
+
+    def prepare_generation(self, artifact: ModelArtifact, device: str, threads: int) -> GenerateCall | None:
+        """A function generating with this runtime, or None when it cannot generate."""
+        return None
+
+
+def _clock(device: str) -> Callable[[], float]:
+    """Seconds, after the device has finished what it was given."""
+    import time
+
+    if device != "cuda":
+        return time.perf_counter
+    import torch
+
+    def synced() -> float:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return synced
 
 
 def _cuda_timed(fn: Any) -> Any:
@@ -84,6 +106,34 @@ class TorchEager(Runtime):
                 call_module(module, inputs_for(module, inputs, device))
 
         return _cuda_timed(call) if device == "cuda" else call
+
+
+    def prepare_generation(self, artifact: ModelArtifact, device: str, threads: int) -> GenerateCall | None:
+        """Greedy decoding with the model's own KV cache, as Hugging Face's generate() runs it."""
+        import torch
+
+        assert isinstance(artifact, TorchModel)
+        if threads:
+            torch.set_num_threads(threads)
+        module = self.module_for(artifact, device)
+        now = _clock(device)
+
+        def generate(prompt: dict[str, Any], new_tokens: int) -> tuple[float, float]:
+            ids, mask = prompt["input_ids"].to(device), prompt["attention_mask"].to(device)
+            with torch.inference_mode():
+                start = now()
+                out = module(input_ids=ids, attention_mask=mask, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                first = now()
+                cache = out.past_key_values
+                for _ in range(new_tokens - 1):
+                    mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                    out = module(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                end = now()
+            return (first - start) * 1000, (end - first) * 1000 / max(1, new_tokens - 1)
+
+        return generate
 
 
 class TorchFp16(TorchEager):
@@ -144,6 +194,7 @@ class OnnxRuntime(Runtime):
         if providers[0] != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")
         session = ort.InferenceSession(str(artifact.path), options, providers=providers)
+        self._session = session
         used = session.get_providers()
         self._notes = ["intra-op thread spinning off (it would slow the candidates interleaved with it)"]
         if used[0] != providers[0]:
@@ -158,6 +209,34 @@ class OnnxRuntime(Runtime):
 
     def notes(self) -> list[str]:
         return list(self._notes)
+
+    def prepare_generation(self, artifact: ModelArtifact, device: str, threads: int) -> GenerateCall | None:
+        """Greedy decoding with an `input_ids, attention_mask -> logits` graph: without past key/values in
+        the graph, every new token re-runs the whole sequence, and the report says so."""
+        import numpy as np
+
+        self.prepare(artifact, device, threads)  # opens the session with the benchmark's options and notes
+        session = self._session
+        names = [i.name for i in session.get_inputs()]
+        if any("past" in n for n in names):
+            return None  # a graph with a KV cache needs its own loop (not built yet)
+        self._notes.append("no KV cache in this graph: every new token re-runs the whole sequence")
+        now = _clock("cpu")
+
+        def generate(prompt: dict[str, Any], new_tokens: int) -> tuple[float, float]:
+            ids, mask = prompt["input_ids"].numpy(), prompt["attention_mask"].numpy()
+            start = now()
+            for step in range(new_tokens):
+                feed = {k: v for k, v in (("input_ids", ids), ("attention_mask", mask)) if k in names}
+                logits = session.run(None, feed)[0]
+                token = logits[:, -1:].argmax(-1).astype(ids.dtype)
+                ids, mask = np.concatenate([ids, token], 1), np.concatenate([mask, np.ones_like(token)], 1)
+                if step == 0:
+                    first = now()
+            end = now()
+            return (first - start) * 1000, (end - first) * 1000 / max(1, new_tokens - 1)
+
+        return generate
 
 
 class OnnxRuntimeTensorRT(OnnxRuntime):

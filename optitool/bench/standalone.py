@@ -12,6 +12,7 @@ from optitool.bench.suite import BenchTarget, benchmark_targets
 from optitool.data.inputs import InputSource
 from optitool.data.sources import Dataset
 from optitool.errors import ConfigError
+from optitool.lm import is_causal_lm
 from optitool.models.loaders import load_stage
 from optitool.spec import BenchmarkSpec, ModelSpec
 
@@ -93,7 +94,8 @@ def bench_command(plugins: Any, path: Path, *, source: str, device: str, runtime
     console = RunConsole(quiet=False)
     with console.step(f"benchmarking {len(targets)} stage(s) on {device}, interleaved"):
         benchmark_targets(targets, spec, plugins.registry, device, inputs, logging.getLogger("optitool.bench"),
-                          progress=lambda done, total, shape: console.say(f"  timed shape {shape} ({done}/{total})"))
+                          progress=lambda done, total, shape: console.say(f"  timed shape {shape} ({done}/{total})"),
+                          generation=is_causal_lm(targets[0].artifact))
     return {"schema_version": 1, "name": path.name, "status": "finished", "device": device,
             "environment": describe(threads or None), "benchmark": spec.model_dump(),
             "stages": [t.record for t in targets]}

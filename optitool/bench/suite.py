@@ -82,17 +82,88 @@ def candidates_for(targets: list[BenchTarget], spec: BenchmarkSpec, registry: Re
 
 
 def benchmark_targets(targets: list[BenchTarget], spec: BenchmarkSpec, registry: Registry, device: str,
-                      inputs: InputSource, log: logging.Logger, progress: ShapeProgress | None = None) -> None:
+                      inputs: InputSource, log: logging.Logger, progress: ShapeProgress | None = None,
+                      generation: bool = False) -> None:
+    """Time every target. With `generation` (causal language models) what is timed is greedy generation
+    after prompts of each sequence length: the time to the first token and the time per further token."""
     threads = spec.threads or os.cpu_count() or 1
     lengths: list[int | None] = list(spec.sequence_lengths) if inputs.is_text else [None]
     chosen = candidates_for(targets, spec, registry, device, log)
     shapes = [(b, n) for b in spec.batch_sizes for n in lengths]
     if chosen:
+        measure = _measure_generation if generation else _measure_shape
         for done, (batch_size, length) in enumerate(shapes, start=1):
-            shape = _measure_shape(chosen, spec, device, threads, inputs, batch_size, length, log)
+            shape = measure(chosen, spec, device, threads, inputs, batch_size, length, log)
             if progress is not None:
                 progress(done, len(shapes), shape)
     attach_speedups([t.record for t in targets])
+
+
+def _entry(c: Candidate, shape: str, samples: list[float], per: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """One measurement of report.json: its samples, robust summary and where they came from."""
+    return {"runtime": c.runtime_name, "shape": shape,
+            **{k: round(v, 4) for k, v in summarize(samples, per).items()},
+            "samples_ms": [round(s, 4) for s in samples], **extra}
+
+
+def _measure_generation(chosen: list[Candidate], spec: BenchmarkSpec, device: str, threads: int,
+                        inputs: InputSource, batch_size: int, length: int | None, log: logging.Logger) -> str:
+    """Every (stage, runtime) generating after the same prompts, one generation at a time, rotating: two
+    measurements per candidate, `<b>x<L> ttft` (prefill to the first token) and `<b>x<L> decode` (each
+    further token; its throughput is tokens per second)."""
+    import torch
+
+    from optitool.lm import token_blocks
+
+    assert length is not None
+    blocks = token_blocks(inputs, "eval", length, seed=inputs.seed)
+    rows = torch.cat([b.inputs["input_ids"] for b in blocks])  # real text, unpadded, `length` tokens each
+    feeds = []
+    for i in range(ROTATING_INPUTS):
+        ids = torch.stack([rows[(i * batch_size + j) % len(rows)] for j in range(batch_size)])
+        feeds.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    shape = f"{batch_size}x{length}"
+    runnable = []
+    runtimes = {c.key: c.runtime_cls() for c in chosen}
+    generators = {}
+    for c in chosen:
+        generate = runtimes[c.key].prepare_generation(c.target.artifact, device, threads)
+        if generate is None:
+            c.target.record.setdefault("benchmark_skipped", []).append(
+                {"runtime": c.runtime_name, "reason": f"{c.runtime_name} cannot generate with this model"})
+            continue
+        generators[c.key] = generate
+        runnable.append(c)
+    ttft: dict[str, list[float]] = {c.key: [] for c in runnable}
+    decode: dict[str, list[float]] = {c.key: [] for c in runnable}
+
+    def timed(key: str) -> Any:
+        def call(prompt: dict[str, Any]) -> float:
+            first, per_token = generators[key](prompt, spec.new_tokens)
+            ttft[key].append(first)
+            decode[key].append(per_token)
+            return first + per_token * (spec.new_tokens - 1)
+
+        return call
+
+    log.info("timing generation %s (+%d tokens) on %s (%s threads), interleaved: %s", shape, spec.new_tokens,
+             device, threads, ", ".join(c.key for c in runnable))
+    with LoadMonitor() as monitor:
+        measure_interleaved({c.key: timed(c.key) for c in runnable}, feeds, warmup=spec.warmup,
+                            min_iterations=spec.min_iterations, max_iterations=spec.max_iterations,
+                            min_seconds=spec.min_seconds)
+    load = monitor.reading.as_dict() if monitor.reading else {}
+    loop = f"{shape}#{uuid.uuid4().hex[:8]}"
+    for c in runnable:
+        common = {"device": device, "threads": threads, "batch_size": batch_size, "sequence_length": length,
+                  "new_tokens": spec.new_tokens, "interleaved_with": sorted(k for k in generators if k != c.key),
+                  "loop": loop, "load": load, "notes": runtimes[c.key].notes()}
+        warm = spec.warmup  # the warm-up generations were recorded too
+        c.target.record.setdefault("benchmarks", []).extend([
+            _entry(c, f"{shape} ttft", ttft[c.key][warm:], batch_size, {**common, "measure": "ttft"}),
+            _entry(c, f"{shape} decode", decode[c.key][warm:], batch_size, {**common, "measure": "decode"}),
+        ])
+    return shape
 
 
 def _measure_shape(chosen: list[Candidate], spec: BenchmarkSpec, device: str, threads: int, inputs: InputSource,

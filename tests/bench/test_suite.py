@@ -147,5 +147,5 @@ def test_the_embedded_style_table_fits_120_columns_and_progress_is_shown(tmp_pat
     result = CliRunner().invoke(cli, ["run", str(tmp_path / "p.toml"), "-o", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     for step in ("loading the model", "evaluating the baseline", "[1/2] onnx_export", "[2/2] int8_quantize",
-                 "benchmarking 3 stages", "timed shape 1 (1/2)", "timed shape 24 (2/2)"):
+                 "benchmarking of 3 stages", "timed shape 1 (1/2)", "timed shape 24 (2/2)"):
         assert step in result.output, step
