@@ -94,7 +94,8 @@ def lm_metrics(stage: ModelArtifact, baseline: ModelArtifact | None, batches: li
     tokens = max(totals["tokens"], 1.0)
     metrics = {"perplexity": round(math.exp(totals["nll"] / tokens), 4), "eval_tokens": int(totals["tokens"])}
     if base is not None:
-        metrics.update(token_agreement=round(totals["agree"] / tokens, 6), kl_to_baseline=round(totals["kl"] / tokens, 6))
+        kl = max(0.0, totals["kl"] / tokens)  # float error can leave an identical model at -1e-9
+        metrics.update(token_agreement=round(totals["agree"] / tokens, 6), kl_to_baseline=round(kl, 6))
     else:
         metrics.update(token_agreement=1.0, kl_to_baseline=0.0)
     return metrics
