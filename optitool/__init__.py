@@ -7,11 +7,12 @@ onnxruntime) so the CLI starts fast.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import pluggy
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.bench.runtimes import Runtime
-from optitool.config import PipelineSpec
 from optitool.data.inputs import Batch, InputSource
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
 from optitool.execution import Executor, call_module, inputs_for, main_output, pooled
@@ -24,7 +25,19 @@ from optitool.registry import PluginRegistry
 from optitool.spec import InputSpec, ModelSpec
 from optitool.version import API_VERSION, __version__
 
+if TYPE_CHECKING:
+    from optitool.config import PipelineSpec
+
 hookimpl = pluggy.HookimplMarker("optitool")
+
+
+def __getattr__(name: str) -> Any:
+    """PipelineSpec on first use: building the pipeline models costs a CLI start 0.1 s it rarely needs."""
+    if name == "PipelineSpec":
+        from optitool.config import PipelineSpec
+
+        return PipelineSpec
+    raise AttributeError(f"module 'optitool' has no attribute {name!r}")
 
 __all__ = [
     "API_VERSION",
