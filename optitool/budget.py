@@ -57,11 +57,12 @@ def check_budget(report: dict[str, Any], budget: BudgetSpec) -> dict[str, Any]:
                              rise is not None and rise <= budget.max_perplexity_increase, "",
                              f" (baseline {base_ppl}, {stage['name']} {ppl}; relative)" if rise is not None else
                              " (perplexity is measured for causal language models on text)"))
-    if budget.min_token_agreement is not None:
-        agreement = metrics.get("token_agreement")
-        checks.append(_check("min_token_agreement", budget.min_token_agreement, agreement,
-                             agreement is not None and agreement >= budget.min_token_agreement, "",
-                             "" if agreement is not None else " (measured for causal language models on text)"))
+    for key in ("token_agreement", "generation_agreement"):
+        limit = getattr(budget, f"min_{key}")
+        if limit is not None:
+            agreement = metrics.get(key)
+            checks.append(_check(f"min_{key}", limit, agreement, agreement is not None and agreement >= limit, "",
+                                 "" if agreement is not None else " (measured for causal language models on text)"))
     if budget.max_size_mb is not None:
         size = metrics.get("size_bytes")
         mb = size / 1e6 if size is not None else None

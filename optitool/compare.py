@@ -22,7 +22,8 @@ from optitool.bench.stats import relative_spread, speedup_interval, spikes
 from optitool.errors import ConfigError
 from optitool.report.table import markdown_table
 
-QUALITY = ("accuracy", "fidelity", "macro_f1", "top1_agreement", "token_agreement")  # higher is better
+QUALITY = ("accuracy", "fidelity", "macro_f1", "top1_agreement", "token_agreement",  # higher is better
+           "generation_agreement")
 KNOWN_SCHEMA_VERSIONS = (1,)
 # Unchanged runs of the embedded default on this project's 2-core VM drifted by up to 3.8 times the larger
 # relative MAD of the two (15 pairs of 6 back-to-back runs, benchmarks/results/bench_repeatability.md);

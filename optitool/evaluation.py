@@ -95,9 +95,24 @@ class StageEvaluator:
         return metrics
 
     def _lm(self, artifact: ModelArtifact, baseline: ModelArtifact | None) -> dict[str, Any]:
-        from optitool.lm import lm_metrics
+        from optitool.lm import (
+            GENERATION_TOKENS,
+            generation_agreement,
+            generation_prompts,
+            greedy_tokens,
+            lm_metrics,
+        )
 
-        return lm_metrics(artifact, baseline, self.batches, self.device)
+        metrics = lm_metrics(artifact, baseline, self.batches, self.device)
+        length = self.inputs.max_length // 2
+        new_tokens = min(GENERATION_TOKENS, self.inputs.max_length - length)
+        prompts = generation_prompts(self.batches, length)
+        tokens = greedy_tokens(artifact, prompts, new_tokens, self.device)
+        if baseline is None:
+            self.baseline_tokens = tokens
+        metrics.update(generation_agreement=generation_agreement(tokens, self.baseline_tokens),
+                       generation_prompts=int(prompts.shape[0]), generation_tokens=new_tokens)
+        return metrics
 
     def _lm_notes(self) -> dict[str, Any]:
         notes = {}

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 BLOCK_BATCH = 4
 RANDOM_BLOCKS = 8
+GENERATION_PROMPTS = 8  # prompts cut from the eval text for greedy-generation agreement
+GENERATION_TOKENS = 32  # tokens generated after each
 
 
 def is_causal_lm_config(config: Any) -> bool:
@@ -99,3 +101,49 @@ def lm_metrics(stage: ModelArtifact, baseline: ModelArtifact | None, batches: li
     else:
         metrics.update(token_agreement=1.0, kl_to_baseline=0.0)
     return metrics
+
+
+def generation_prompts(batches: list[Batch], length: int) -> Any:
+    """[prompts, length] token ids: the first `length` tokens of the first evaluation blocks."""
+    import torch
+
+    rows = torch.cat([b.inputs["input_ids"] for b in batches])
+    return rows[:GENERATION_PROMPTS, :length]
+
+
+def greedy_tokens(artifact: ModelArtifact, prompts: Any, new_tokens: int, device: str) -> Any:
+    """[prompts, new_tokens] greedy continuations: a torch model decodes with its KV cache, an ONNX graph
+    re-runs the sequence for each token (the only way for a graph without past key/values)."""
+    import torch
+
+    from optitool.execution import Executor
+
+    out = []
+    if isinstance(artifact, TorchModel):
+        module = artifact.module.to(device).eval()
+        with torch.inference_mode():
+            for prompt in prompts:
+                ids = prompt.unsqueeze(0).to(device)
+                result = module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+                tokens, cache, mask = [], result.past_key_values, torch.ones_like(ids)
+                token = result.logits[:, -1:].argmax(-1)
+                for _ in range(new_tokens):
+                    tokens.append(int(token))
+                    mask = torch.cat([mask, torch.ones_like(token)], 1)
+                    result = module(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+                    cache, token = result.past_key_values, result.logits[:, -1:].argmax(-1)
+                out.append(tokens)
+        return torch.tensor(out)
+    run = Executor(artifact)
+    for prompt in prompts:
+        ids = prompt.unsqueeze(0)
+        for _ in range(new_tokens):
+            _, logits = run.raw({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1).to(ids.dtype)], 1)
+        out.append(ids[0, prompt.numel():].tolist())
+    return torch.tensor(out)
+
+
+def generation_agreement(tokens: Any, baseline_tokens: Any) -> float:
+    """Share of generated positions where the stage's greedy token equals the baseline's."""
+    return round(float((tokens == baseline_tokens).float().mean()), 6)

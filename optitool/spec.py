@@ -119,6 +119,7 @@ class BudgetSpec(_Section):
     min_fidelity: float | None = None
     max_perplexity_increase: float | None = Field(default=None, ge=0)  # relative: 0.05 = +5 % over the baseline
     min_token_agreement: float | None = Field(default=None, ge=0, le=1)
+    min_generation_agreement: float | None = Field(default=None, ge=0, le=1)
     min_speedup: float | None = Field(default=None, gt=0)
     max_latency_ms: float | dict[str, float] | None = None
     max_size_mb: float | None = Field(default=None, gt=0)

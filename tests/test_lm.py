@@ -53,16 +53,18 @@ def test_a_causal_lm_is_measured_per_token_and_pruning_shows_where_a_near_lossle
     assert pruned["covered_sparsity"] == pytest.approx(0.8, abs=1e-3)  # Conv1D (GPT-2) and Linear alike
     assert abs(bf16["perplexity"] / base["perplexity"] - 1) < 0.01  # a near-lossless change shows none
     assert bf16["token_agreement"] > 0.97 and bf16["kl_to_baseline"] < pruned["kl_to_baseline"] / 10
+    assert base["generation_agreement"] == 1.0 and bf16["generation_agreement"] >= 0.9
+    assert pruned["generation_agreement"] < bf16["generation_agreement"]
 
 
 def test_language_model_budgets(tmp_path, optitool_tiny_causal_lm, optitool_text_folder):
     passes = '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.8\n'
-    budget = "[budget]\nmax_perplexity_increase = 0.005\nmin_token_agreement = 0.999\n"
+    budget = "[budget]\nmax_perplexity_increase = 0.005\nmin_token_agreement = 0.999\nmin_generation_agreement = 0.99\n"
     report = run_snippet(lm_snippet(optitool_tiny_causal_lm, optitool_text_folder, passes, budget), tmp_path).report
     checks = {c["budget"]: c for c in report["budget"]["checks"]}
     assert not report["budget"]["passed"]
     assert not checks["max_perplexity_increase"]["passed"] and "relative" in checks["max_perplexity_increase"]["message"]
-    assert not checks["min_token_agreement"]["passed"]
+    assert not checks["min_token_agreement"]["passed"] and not checks["min_generation_agreement"]["passed"]
 
 
 def test_labelled_text_on_a_causal_lm_is_evaluated_as_text(tmp_path, optitool_text_folder):
@@ -73,6 +75,20 @@ def test_labelled_text_on_a_causal_lm_is_evaluated_as_text(tmp_path, optitool_te
                f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nsplits = {{ eval = 0.5 }}\n')
     base = run_snippet(snippet, tmp_path).report["stages"][0]["metrics"]
     assert "perplexity" in base and "labels are not used" in base["labels_ignored"]
+
+
+def test_the_exported_decoder_generates_the_same_greedy_tokens_as_torch_for_32_steps(
+        tmp_path, optitool_text_folder):
+    """Greedy generation agreement: torch decodes with its KV cache, the ONNX graph re-runs the sequence
+    (it has no past key/values yet); the 32 tokens after each prompt must be the same."""
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama")
+    snippet = lm_snippet(folder, optitool_text_folder, '[[passes]]\npass = "onnx_export"\n').replace(
+        "max_length = 16", "max_length = 64").replace("splits = { eval = 0.5 }", "splits = { eval = 0.9 }")
+    base, exported = (s["metrics"] for s in run_snippet(snippet, tmp_path).report["stages"])
+    assert exported["generation_tokens"] == 32 and exported["generation_prompts"] >= 2
+    assert exported["generation_agreement"] == 1.0
 
 
 def test_an_onnx_export_of_a_causal_lm_keeps_being_judged_as_one(tmp_path, optitool_text_folder):
