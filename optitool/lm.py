@@ -10,7 +10,9 @@ batch, so no full-vocabulary logits are kept for the split: memory does not grow
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 
@@ -22,6 +24,14 @@ BLOCK_BATCH = 4
 RANDOM_BLOCKS = 8
 GENERATION_PROMPTS = 8  # prompts cut from the eval text for greedy-generation agreement
 GENERATION_TOKENS = 32  # tokens generated after each
+
+
+class Decoded(NamedTuple):
+    """Greedy continuations [prompts, new_tokens], the seconds to the first token and for the rest."""
+
+    tokens: Any
+    first_s: float
+    rest_s: float
 
 
 def is_causal_lm_config(config: Any) -> bool:
@@ -111,37 +121,58 @@ def generation_prompts(batches: list[Batch], length: int) -> Any:
     return rows[:GENERATION_PROMPTS, :length]
 
 
+Clock = Callable[[], float]
+
+
+def greedy_with_cache(module: Any, ids: Any, new_tokens: int, clock: Clock = time.perf_counter) -> Decoded:
+    """Greedy decoding of a torch causal LM with its own KV cache, as Hugging Face's generate() runs it:
+    one prefill over the prompts (unpadded, all of one length), then one token at a time."""
+    import torch
+
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        start = clock()
+        out = module(input_ids=ids, attention_mask=mask, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        first = clock()
+        tokens = [token]
+        for _ in range(new_tokens - 1):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = module(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+        end = clock()
+    return Decoded(torch.cat(tokens, 1).cpu(), first - start, end - first)
+
+
+def greedy_without_cache(forward: Callable[[Any, Any], Any], ids: Any, new_tokens: int,
+                         clock: Clock = time.perf_counter) -> Decoded:
+    """Greedy decoding with a graph that maps (input_ids, attention_mask) to logits and keeps no past
+    key/values: every new token re-runs the whole sequence."""
+    import torch
+
+    start = clock()
+    first = start
+    prompt_length = ids.shape[1]
+    for step in range(new_tokens):
+        logits = forward(ids, torch.ones_like(ids))
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1).to(ids.dtype)], 1)
+        if step == 0:
+            first = clock()
+    end = clock()
+    return Decoded(ids[:, prompt_length:], first - start, end - first)
+
+
 def greedy_tokens(artifact: ModelArtifact, prompts: Any, new_tokens: int, device: str) -> Any:
     """[prompts, new_tokens] greedy continuations: a torch model decodes with its KV cache, an ONNX graph
     re-runs the sequence for each token (the only way for a graph without past key/values)."""
-    import torch
-
     from optitool.execution import Executor
 
-    out = []
     if isinstance(artifact, TorchModel):
-        module = artifact.module.to(device).eval()
-        with torch.inference_mode():
-            for prompt in prompts:
-                ids = prompt.unsqueeze(0).to(device)
-                result = module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-                tokens, cache, mask = [], result.past_key_values, torch.ones_like(ids)
-                token = result.logits[:, -1:].argmax(-1)
-                for _ in range(new_tokens):
-                    tokens.append(int(token))
-                    mask = torch.cat([mask, torch.ones_like(token)], 1)
-                    result = module(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
-                    cache, token = result.past_key_values, result.logits[:, -1:].argmax(-1)
-                out.append(tokens)
-        return torch.tensor(out)
+        return greedy_with_cache(artifact.module.to(device).eval(), prompts.to(device), new_tokens).tokens
     run = Executor(artifact)
-    for prompt in prompts:
-        ids = prompt.unsqueeze(0)
-        for _ in range(new_tokens):
-            _, logits = run.raw({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-            ids = torch.cat([ids, logits[:, -1:].argmax(-1).to(ids.dtype)], 1)
-        out.append(ids[0, prompt.numel():].tolist())
-    return torch.tensor(out)
+    return greedy_without_cache(lambda ids, mask: run.raw({"input_ids": ids, "attention_mask": mask})[1],
+                                prompts, new_tokens).tokens
 
 
 def generation_agreement(tokens: Any, baseline_tokens: Any) -> float:

@@ -112,26 +112,16 @@ class TorchEager(Runtime):
         """Greedy decoding with the model's own KV cache, as Hugging Face's generate() runs it."""
         import torch
 
+        from optitool.lm import greedy_with_cache
+
         assert isinstance(artifact, TorchModel)
         if threads:
             torch.set_num_threads(threads)
-        module = self.module_for(artifact, device)
-        now = _clock(device)
+        module, clock = self.module_for(artifact, device), _clock(device)
 
         def generate(prompt: dict[str, Any], new_tokens: int) -> tuple[float, float]:
-            ids, mask = prompt["input_ids"].to(device), prompt["attention_mask"].to(device)
-            with torch.inference_mode():
-                start = now()
-                out = module(input_ids=ids, attention_mask=mask, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-                first = now()
-                cache = out.past_key_values
-                for _ in range(new_tokens - 1):
-                    mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                    out = module(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
-                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                end = now()
-            return (first - start) * 1000, (end - first) * 1000 / max(1, new_tokens - 1)
+            done = greedy_with_cache(module, prompt["input_ids"].to(device), new_tokens, clock)
+            return done.first_s * 1000, done.rest_s * 1000 / max(1, new_tokens - 1)
 
         return generate
 
@@ -213,7 +203,9 @@ class OnnxRuntime(Runtime):
     def prepare_generation(self, artifact: ModelArtifact, device: str, threads: int) -> GenerateCall | None:
         """Greedy decoding with an `input_ids, attention_mask -> logits` graph: without past key/values in
         the graph, every new token re-runs the whole sequence, and the report says so."""
-        import numpy as np
+        import torch
+
+        from optitool.lm import greedy_without_cache
 
         self.prepare(artifact, device, threads)  # opens the session with the benchmark's options and notes
         session = self._session
@@ -221,20 +213,14 @@ class OnnxRuntime(Runtime):
         if any("past" in n for n in names):
             return None  # a graph with a KV cache needs its own loop (not built yet)
         self._notes.append("no KV cache in this graph: every new token re-runs the whole sequence")
-        now = _clock("cpu")
+
+        def forward(ids: Any, mask: Any) -> Any:
+            feed = {k: v.numpy() for k, v in (("input_ids", ids), ("attention_mask", mask)) if k in names}
+            return torch.from_numpy(session.run(None, feed)[0])
 
         def generate(prompt: dict[str, Any], new_tokens: int) -> tuple[float, float]:
-            ids, mask = prompt["input_ids"].numpy(), prompt["attention_mask"].numpy()
-            start = now()
-            for step in range(new_tokens):
-                feed = {k: v for k, v in (("input_ids", ids), ("attention_mask", mask)) if k in names}
-                logits = session.run(None, feed)[0]
-                token = logits[:, -1:].argmax(-1).astype(ids.dtype)
-                ids, mask = np.concatenate([ids, token], 1), np.concatenate([mask, np.ones_like(token)], 1)
-                if step == 0:
-                    first = now()
-            end = now()
-            return (first - start) * 1000, (end - first) * 1000 / max(1, new_tokens - 1)
+            done = greedy_without_cache(forward, prompt["input_ids"], new_tokens)
+            return done.first_s * 1000, done.rest_s * 1000 / max(1, new_tokens - 1)
 
         return generate
 
