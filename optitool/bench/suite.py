@@ -163,6 +163,7 @@ def _measure_generation(chosen: list[Candidate], spec: BenchmarkSpec, device: st
             _entry(c, f"{shape} ttft", ttft[c.key][warm:], batch_size, {**common, "measure": "ttft"}),
             _entry(c, f"{shape} decode", decode[c.key][warm:], batch_size, {**common, "measure": "decode"}),
         ])
+    _log_busy(load, shape, log)
     return shape
 
 
@@ -180,20 +181,22 @@ def _measure_shape(chosen: list[Candidate], spec: BenchmarkSpec, device: str, th
     load = monitor.reading.as_dict() if monitor.reading else {}
     loop = f"{shape}#{uuid.uuid4().hex[:8]}"  # the loop these samples came from: ratios only within one
     for c in chosen:
-        entry: dict[str, Any] = {"runtime": c.runtime_name, "device": device, "threads": threads,
-                                 "batch_size": batch_size, "sequence_length": length, "shape": shape,
-                                 **{k: round(v, 4) for k, v in summarize(samples[c.key], batch_size).items()},
-                                 "samples_ms": [round(s, 4) for s in samples[c.key]],
-                                 "interleaved_with": sorted(k for k in calls if k != c.key), "loop": loop,
-                                 "load": load, "notes": runtimes[c.key].notes()}
+        entry = _entry(c, shape, samples[c.key], batch_size, {
+            "device": device, "threads": threads, "batch_size": batch_size, "sequence_length": length,
+            "interleaved_with": sorted(k for k in calls if k != c.key), "loop": loop, "load": load,
+            "notes": runtimes[c.key].notes()})
         if spec.memory:
             job = _memory_job(c.target, c.runtime_name, device, threads)
             entry["memory"] = (measure_in_subprocess(job, feeds[0]) if job else
                                {"error": "this stage cannot be reloaded in a fresh process"})
         c.target.record.setdefault("benchmarks", []).append(entry)
+    _log_busy(load, shape, log)
+    return shape
+
+
+def _log_busy(load: dict[str, Any], shape: str, log: logging.Logger) -> None:
     if load and not load["quiet"]:
         log.warning("shape %s was timed on a busy machine: %s", shape, "; ".join(load["reasons"]))
-    return shape
 
 
 def _match(record: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any] | None:
