@@ -79,8 +79,7 @@ class FolderLock:
         try:
             self.folder.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create the run folder {self.folder}: {exc.strerror or exc}; choose another "
-                              "with --output") from None
+            raise cannot_create(self.folder, exc) from None
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -92,8 +91,7 @@ class FolderLock:
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             except OSError as exc:  # e.g. under /proc, which lists folders no one may write in
-                raise ConfigError(f"cannot create the run folder {self.folder}: {exc.strerror or exc}; choose "
-                                  "another with --output") from None
+                raise cannot_create(self.folder, exc) from None
             with os.fdopen(fd, "w") as handle:
                 handle.write(str(os.getpid()))
             return self
@@ -108,6 +106,10 @@ class FolderLock:
     def __exit__(self, *exc: object) -> None:
         if self._owner() == os.getpid():
             self.path.unlink(missing_ok=True)
+
+
+def cannot_create(folder: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot create the run folder {folder}: {exc.strerror or exc}; choose another with --output")
 
 
 def _alive(pid: int) -> bool:

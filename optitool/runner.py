@@ -151,8 +151,7 @@ class Runner:
                 shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create the run folder {self.run_dir}: {exc.strerror or exc}; choose another "
-                              "with --output") from None
+            raise atomic.cannot_create(self.run_dir, exc) from None
         if self.spec.source is not None:
             shutil.copyfile(self.spec.source, self.run_dir / "pipeline.toml")
         atomic.write_json(self.run_dir / "pipeline.resolved.json", self.spec.resolved())

@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.errors import ConfigError, RunError
@@ -63,10 +63,7 @@ class HfLoader(Loader):
     def context_length(self, spec: ModelSpec, base_dir: Path) -> int | None:
         if not spec.path:
             return None
-        try:
-            config = json.loads((resolve_path(spec.path, base_dir, where="[model].path") / "config.json").read_text())
-        except (OSError, ValueError):
-            return None
+        config = hf_config(resolve_path(spec.path, base_dir, where="[model].path"))
         found = [config.get(k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")]
         return next((int(v) for v in found if isinstance(v, int) and v > 0), None)
 
@@ -166,13 +163,21 @@ def gguf_architecture(path: Path, where: str) -> str:
     if magic != GGUF_MAGIC:
         raise ConfigError(f"{where} = {str(path)!r} is not a GGUF file (it does not start with 'GGUF'); "
                           "it may be corrupt or of another format")
-    import gguf
-
     try:
-        field = gguf.GGUFReader(str(path)).fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
+        return str(gguf_field(path, "general.architecture"))
     except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways inside the reader
         raise unreadable(path, exc, "GGUF file") from None
+
+
+def gguf_field(path: Path, key: str) -> str | int | None:
+    """One metadata value of a GGUF file's header (a string or a number), or None when it is absent."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if field.types and field.types[0] == gguf.GGUFValueType.STRING else int(value[0])
 
 
 class GgufLoader(Loader):
@@ -198,16 +203,12 @@ class GgufLoader(Loader):
                               f"transformers cannot load from GGUF; it loads {known}")
 
     def context_length(self, spec: ModelSpec, base_dir: Path) -> int | None:
-        import gguf
-
         path = resolve_path(spec.path, base_dir, where="[model].path")
         try:
-            reader = gguf.GGUFReader(str(path))
-            architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-            field = reader.fields.get(f"{architecture}.context_length")
-            return int(field.parts[field.data[0]][0]) if field is not None else None
+            length = gguf_field(path, f"{gguf_field(path, 'general.architecture')}.context_length")
         except Exception:  # noqa: BLE001 - validate already refused a file it cannot read
             return None
+        return length if isinstance(length, int) else None
 
     def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
         import torch
@@ -286,15 +287,21 @@ class StageLoader(Loader):
         return load_stage(resolve_path(spec.path, base_dir, where="[model].path"), self._loaders or LOADERS)
 
 
+def hf_config(folder: Path) -> dict[str, Any]:
+    """A Hugging Face folder's config.json as a dict ({} when it cannot be read: load says why)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def default_task(folder: Path) -> str:
     """The task a Hugging Face folder's own config names: a causal LM is loaded with its LM head (a bare
     AutoModel would drop it), anything else as a feature extractor."""
     from optitool.lm import CAUSAL_LM_SUFFIXES
 
-    try:
-        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return "feature-extraction"
+    architectures = hf_config(folder).get("architectures") or []
     return "text-generation" if any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures) else "feature-extraction"
 
 
