@@ -136,8 +136,14 @@ class OnnxExport(Pass):
             if config is None or not hasattr(config, "num_attention_heads"):
                 raise PassError('optimize = "transformer" needs a Hugging Face transformer model (BERT-like)')
             heads = _live_heads(model.module, config)
-            optimized = optimize_model(str(path), model_type=_ort_model_type(config), num_heads=heads,
-                                       hidden_size=config.hidden_size, opt_level=1)
+            try:
+                optimized = optimize_model(str(path), model_type=_ort_model_type(config), num_heads=heads,
+                                           hidden_size=config.hidden_size, opt_level=1)
+            except Exception as exc:  # noqa: BLE001 - its fusion code asserts on graphs it does not know
+                raise PassError(f'optimize = "transformer": onnxruntime\'s transformer optimizer could not fuse '
+                                f"this {getattr(config, 'model_type', 'model')!r} graph ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else 'no message'}); its fusions are for "
+                                'BERT-style encoders: use optimize = "extended" or "none"') from None
             fused = optimized.get_fused_operator_statistics()
             ctx.metrics["onnx_fusions"] = {k: v for k, v in fused.items() if v}
             optimized.save_model_to_file(str(path), use_external_data_format=_too_big_for_protobuf(model.module))

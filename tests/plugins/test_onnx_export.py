@@ -75,3 +75,14 @@ def test_weights_an_export_drops_are_reported(tmp_path, optitool_tiny_bert):
     assert dropped >= 32 * 32 + 32
     assert base["metrics"]["parameters"] - onnx_stage["metrics"]["parameters"] == dropped
     assert onnx_stage["metrics"]["export_cosine"] <= 1.0
+
+
+def test_transformer_fusions_on_a_decoder_are_refused_cleanly(tmp_path):
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="gpt2", train_steps=1)
+    snippet = (f'[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nsequence_lengths = [16]\n'
+               '[[passes]]\npass = "onnx_export"\noptimize = "transformer"\n')
+    with pytest.raises(RunError, match="could not fuse this 'gpt2' graph .*use optimize = \"extended\""):
+        run_snippet(snippet, tmp_path)
+    assert not (tmp_path / "run" / "01-onnx_export").exists()
