@@ -9,6 +9,7 @@ batch, so no full-vocabulary logits are kept for the split: memory does not grow
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -130,6 +131,9 @@ def greedy_with_cache(module: Any, ids: Any, new_tokens: int, clock: Clock = tim
     import torch
 
     mask = torch.ones_like(ids)
+    # transformers 5 renamed the cache argument and output from past_key_values to cache (the old names
+    # warn, and go in 5.40); 4.57, which optimum needs, knows only the old ones
+    key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
     with torch.inference_mode():
         start = clock()
         out = module(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -138,7 +142,7 @@ def greedy_with_cache(module: Any, ids: Any, new_tokens: int, clock: Clock = tim
         tokens = [token]
         for _ in range(new_tokens - 1):
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            out = module(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            out = module(input_ids=token, attention_mask=mask, use_cache=True, **{key: out[key]})
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(token)
         end = clock()
