@@ -45,4 +45,3 @@ def test_readme_ci_and_workflow_install_from_the_checkout_with_one_onnxruntime()
     installs = [line for line in workflow.splitlines() if "pip install" in line and "optitool" in line.lower()
                 or "pip install -e" in line]
     assert installs and all('-e "' in line or "-e ." in line for line in installs), installs
-    assert "optitool[" not in workflow.replace('"optitool[', "")  # no install of an index package named optitool
