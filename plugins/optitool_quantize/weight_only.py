@@ -61,7 +61,7 @@ class WeightOnlyQuantize(Pass):
         ctx.metrics.update(size_before_bytes=before, size_after_bytes=after, size_ratio=round(after / before, 4),
                            quantized_nodes=changed, bits=cfg.bits, block_size=cfg.block_size,
                            gemm_rewritten_as_matmul=rewritten)
-        return OnnxModel(target, tokenizer=model.tokenizer, input_names=model.input_names, task=model.task)
+        return OnnxModel(target, tokenizer=model.tokenizer, input_names=model.input_names)
 
 
 def gemm_as_matmul(model: Any) -> int:
