@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -123,7 +124,7 @@ def test_a_gguf_model_runs_through_a_pipeline_and_is_judged_as_a_language_model(
     base, pruned = (s["metrics"] for s in result.report["stages"])
     # the tiny file carries its vocabulary as a plain list, so its tokenizer splits text differently from the
     # original: the numbers are not comparable with the Hugging Face folder's, only finite and sensitive
-    assert 1 < base["perplexity"] < 1000 and pruned["kl_to_baseline"] > 0.01
+    assert math.isfinite(base["perplexity"]) and base["perplexity"] > 1 and pruned["kl_to_baseline"] > 0.01
     from optitool.models.loaders import LOADERS
     from optitool.spec import ModelSpec
 

@@ -60,7 +60,11 @@ def unreadable(path: Path, exc: BaseException, what: str = "model file") -> Conf
     Only the first line of the library's own message is kept, and any advice to load with
     `weights_only=False` is dropped: that would execute whatever code the file carries."""
     first = (str(exc).strip().splitlines() or [""])[0]
-    pickled = "weights_only" in str(exc) or "Unpickler" in str(exc)
+    chain, seen = [], exc  # libraries wrap the reader's error (transformers 4 in "Unable to load weights")
+    while seen is not None and len(chain) < 8:
+        chain.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    pickled = any("weights_only" in text or "Unpickler" in text for text in chain)
     if pickled:
         detail = ("it is a pickle holding Python objects other than tensors, and optitool never unpickles "
                   "arbitrary objects; save the weights with safetensors (save_pretrained(..., "

@@ -84,7 +84,7 @@ class HfLoader(Loader):
                 raise RunError(f"could not load Hugging Face model {where!r}: {exc}. Without network access, "
                                "point [model].path at a local folder.") from None
             weights = _weights_file(Path(where))
-            said = f"{type(exc).__name__}: {exc}"
+            said = f"{type(exc).__name__}: {exc} {exc.__cause__ or exc.__context__ or ''}"
             if weights.is_file() and (weights.name in said or "weights_only" in said or "safetensor" in said.lower()):
                 raise unreadable(weights, exc, "the Hugging Face model's weights") from None
             raise unreadable(Path(where), exc, "the Hugging Face model folder") from None
