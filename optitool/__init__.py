@@ -16,10 +16,12 @@ from optitool.bench.runtimes import Runtime
 from optitool.data.inputs import Batch, InputSource
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
 from optitool.execution import Executor, call_module, inputs_for, main_output, pooled
+from optitool.lm import greedy_with_cache, is_causal_lm, token_blocks
 from optitool.metrics import Evaluation
 from optitool.models.base import Loader
 from optitool.models.onnx_files import copy_onnx, save_onnx
 from optitool.models.store import parameter_counts
+from optitool.onnx_decoding import KV_HEAD_DIM_METADATA, open_decoder
 from optitool.passes import Pass, PassConfig, PassContext
 from optitool.registry import PluginRegistry
 from optitool.spec import InputSpec, ModelSpec
@@ -47,6 +49,7 @@ __all__ = [
     "Executor",
     "InputSource",
     "InputSpec",
+    "KV_HEAD_DIM_METADATA",
     "Loader",
     "ModelArtifact",
     "ModelSpec",
@@ -64,10 +67,14 @@ __all__ = [
     "__version__",
     "call_module",
     "copy_onnx",
+    "greedy_with_cache",
     "hookimpl",
     "inputs_for",
+    "is_causal_lm",
     "main_output",
+    "open_decoder",
     "parameter_counts",
     "pooled",
     "save_onnx",
+    "token_blocks",
 ]

@@ -85,12 +85,19 @@ class Executor:
             self._session = ort.InferenceSession(str(artifact.path), options, providers=["CPUExecutionProvider"])
             self._input_names = [i.name for i in self._session.get_inputs()]
             self._output_names = [o.name for o in self._session.get_outputs()]
+            from optitool.onnx_decoding import kv_layout
+
+            self._kv = kv_layout(self._session, artifact.path)  # a with-past decoder gets an empty cache
 
     def raw(self, inputs: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
         import torch
 
         if self._session is not None:
             feed = {k: v.detach().cpu().numpy() for k, v in inputs.items() if k in self._input_names}
+            if self._kv is not None and "input_ids" in feed:
+                from optitool.onnx_decoding import complete_feed
+
+                feed = complete_feed(self._kv, feed)
             missing = [n for n in self._input_names if n not in feed]
             if missing:
                 from optitool.errors import RunError

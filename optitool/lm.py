@@ -169,11 +169,18 @@ def greedy_without_cache(forward: Callable[[Any, Any], Any], ids: Any, new_token
 
 def greedy_tokens(artifact: ModelArtifact, prompts: Any, new_tokens: int, device: str) -> Any:
     """[prompts, new_tokens] greedy continuations: a torch model decodes with its KV cache, an ONNX graph
-    re-runs the sequence for each token (the only way for a graph without past key/values)."""
+    with past key/values with its own, one without re-runs the sequence for each token."""
+    import torch
+
     from optitool.execution import Executor
+    from optitool.onnx_decoding import open_decoder
 
     if isinstance(artifact, TorchModel):
         return greedy_with_cache(artifact.module.to(device).eval(), prompts.to(device), new_tokens).tokens
+    assert isinstance(artifact, OnnxModel)
+    decoder = open_decoder(artifact.path)
+    if decoder is not None:
+        return torch.from_numpy(decoder.greedy(prompts.numpy(), new_tokens)[0])
     run = Executor(artifact)
     return greedy_without_cache(lambda ids, mask: run.raw({"input_ids": ids, "attention_mask": mask})[1],
                                 prompts, new_tokens).tokens

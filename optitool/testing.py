@@ -82,8 +82,9 @@ def tiny_bert_dir(folder: Path, *, classes: int | None = None, layers: int = 2) 
     return folder
 
 
-def tiny_causal_lm_dir(folder: Path, *, family: str = "llama", train_steps: int = 200) -> Path:
-    """Save a tiny causal LM (2 layers, hidden 32; "llama": grouped-query attention with 4 query and 2
+def tiny_causal_lm_dir(folder: Path, *, family: str = "llama", train_steps: int = 200, hidden: int = 32,
+                       vocab_size: int | None = None) -> Path:
+    """Save a tiny causal LM (2 layers, hidden 32 unless told; "llama": grouped-query attention with 4 query and 2
     key/value heads, SwiGLU, RMSNorm, tied embeddings; "gpt2": Conv1D layers, tied embeddings) and its
     tokenizer as a Hugging Face folder, after `train_steps` steps of next-token training on the seeded
     word corpus, so that perplexity means something (a random model's is the vocabulary size whatever
@@ -97,13 +98,13 @@ def tiny_causal_lm_dir(folder: Path, *, family: str = "llama", train_steps: int 
     tokenizer = tiny_tokenizer()
     tokenizer.eos_token = "[SEP]"
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
-    vocab = len(tokenizer)
+    vocab = max(len(tokenizer), vocab_size or 0)  # rows past the tokenizer's are never fed
     if family == "gpt2":
-        config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+        config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=hidden, n_layer=2, n_head=4,
                                          bos_token_id=2, eos_token_id=3, pad_token_id=0)
         model = transformers.GPT2LMHeadModel(config)
     elif family == "llama":
-        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                           tie_word_embeddings=True, bos_token_id=2, eos_token_id=3, pad_token_id=0)
         model = transformers.LlamaForCausalLM(config)

@@ -8,6 +8,7 @@ import types
 import pytest
 
 import optitool
+from optitool.errors import RunError
 from optitool.testing import run_snippet
 
 
@@ -78,18 +79,85 @@ def test_labelled_text_on_a_causal_lm_is_evaluated_as_text(tmp_path, optitool_te
     assert "perplexity" in base and "labels are not used" in base["labels_ignored"]
 
 
-def test_the_exported_decoder_generates_the_same_greedy_tokens_as_torch_for_32_steps(
-        tmp_path, optitool_text_folder):
-    """Greedy generation agreement: torch decodes with its KV cache, the ONNX graph re-runs the sequence
-    (it has no past key/values yet); the 32 tokens after each prompt must be the same."""
-    from optitool.testing import tiny_causal_lm_dir
-
-    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama")
-    snippet = lm_snippet(folder, optitool_text_folder, '[[passes]]\npass = "onnx_export"\n').replace(
+def _export_snippet(folder, text_folder, exporter: str) -> str:
+    return lm_snippet(folder, text_folder, f'[[passes]]\npass = "onnx_export"\nexporter = "{exporter}"\n').replace(
         "max_length = 16", "max_length = 64").replace("splits = { eval = 0.5 }", "splits = { eval = 0.9 }")
-    base, exported = (s["metrics"] for s in run_snippet(snippet, tmp_path).report["stages"])
+
+
+def _check_decoder_stage(result) -> None:
+    base, exported = (s["metrics"] for s in result.report["stages"])
+    assert exported["kv_cache"] and exported["export_greedy_steps_identical"] == 32
     assert exported["generation_tokens"] == 32 and exported["generation_prompts"] >= 2
     assert exported["generation_agreement"] == 1.0
+    assert exported["perplexity"] == pytest.approx(base["perplexity"], rel=1e-3)
+    import onnx
+
+    graph = onnx.load(str(result.run_dir / "01-onnx_export" / "model.onnx"), load_external_data=False)
+    assert "past_key_values.0.key" in [i.name for i in graph.graph.input]
+    assert "present.0.key" in [o.name for o in graph.graph.output]
+
+
+def test_the_exported_decoder_generates_the_same_greedy_tokens_as_torch_for_32_steps_with_its_kv_cache(
+        tmp_path, optitool_tiny_causal_lm, optitool_text_folder):
+    """The graph carries past key/values (one graph for prefill and decode); onnx_export checks 32 greedy
+    steps against torch's cached decoding, and the stage's generation agreement says the same."""
+    _check_decoder_stage(run_snippet(_export_snippet(optitool_tiny_causal_lm, optitool_text_folder, "dynamo"),
+                                     tmp_path))
+
+
+def test_onnxruntime_genai_builder_as_exporter(tmp_path, optitool_text_folder):
+    """Its GroupQueryAttention graph runs through the same loop, verified the same way (head size 16: the
+    fused attention needs a multiple of 16, and a model without one is refused by name; a vocabulary at
+    least as wide as the hidden size: the builder 0.18 mislays a narrower LM head, which verification
+    catches)."""
+    pytest.importorskip("onnxruntime_genai")
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=100, hidden=64, vocab_size=96)
+    _check_decoder_stage(run_snippet(_export_snippet(folder, optitool_text_folder, "genai"), tmp_path / "a"))
+    narrow = tiny_causal_lm_dir(tmp_path / "narrow", family="llama", train_steps=1)
+    with pytest.raises(RunError, match="needs a head size that is a multiple of 16; this model's is 8"):
+        run_snippet(_export_snippet(narrow, optitool_text_folder, "genai"), tmp_path / "b")
+
+
+def test_a_decode_step_that_differs_from_torch_fails_the_export(tmp_path, optitool_text_folder, monkeypatch):
+    from optitool.onnx_decoding import OnnxDecoder
+    from optitool.testing import tiny_causal_lm_dir
+
+    greedy = OnnxDecoder.greedy
+
+    def planted(self, ids, new_tokens, *args):
+        tokens, first, rest = greedy(self, ids, new_tokens, *args)
+        tokens[:, 5:] = (tokens[:, 5:] + 1) % 10
+        return tokens, first, rest
+
+    monkeypatch.setattr(OnnxDecoder, "greedy", planted)
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="gpt2", train_steps=5)
+    snippet = lm_snippet(folder, optitool_text_folder, '[[passes]]\npass = "onnx_export"\n').replace(
+        "max_length = 16", "max_length = 64")
+    with pytest.raises(RunError, match="same greedy tokens as torch for 5 of 32 steps"):
+        run_snippet(snippet, tmp_path)
+
+
+def test_kv_cache_asked_of_a_model_without_one_is_a_clear_error(tmp_path, optitool_tiny_bert):
+    snippet = (f'[model]\nsource = "hf"\npath = "{optitool_tiny_bert}"\nmax_length = 16\n'
+               '[[passes]]\npass = "onnx_export"\nkv_cache = true\n')
+    with pytest.raises(RunError, match="kv_cache = true: BertModel is not a causal language model"):
+        run_snippet(snippet, tmp_path)
+
+
+def test_kv_cache_false_exports_the_graph_without_past(tmp_path, optitool_text_folder):
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=5)
+    result = run_snippet(lm_snippet(folder, optitool_text_folder,
+                                    '[[passes]]\npass = "onnx_export"\nkv_cache = false\n'), tmp_path)
+    exported = result.report["stages"][1]["metrics"]
+    assert "kv_cache" not in exported and exported["generation_agreement"] == 1.0
+    import onnx
+
+    graph = onnx.load(str(result.run_dir / "01-onnx_export" / "model.onnx"), load_external_data=False)
+    assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
 
 
 def test_an_onnx_export_of_a_causal_lm_keeps_being_judged_as_one(tmp_path, optitool_text_folder):
@@ -149,8 +217,8 @@ def test_lengths_beyond_the_context_are_refused_before_loading(tmp_path, setting
 
 
 def test_a_causal_lm_is_benchmarked_in_generation_interleaved_across_runtimes(tmp_path, optitool_text_folder):
-    """Time to first token and time per further token (tokens/s), with torch's KV cache and with an ONNX
-    graph that has none (re-running the prefix for every token, as the report says), in one loop."""
+    """Time to first token and time per further token (tokens/s), with torch's KV cache and with the
+    ONNX graph's, in one loop."""
     from optitool.testing import tiny_causal_lm_dir
 
     folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=5)
@@ -166,6 +234,6 @@ def test_a_causal_lm_is_benchmarked_in_generation_interleaved_across_runtimes(tm
         assert entry["iterations"] == 3 and entry["new_tokens"] == 8 and entry["median_ms"] > 0
     decode = entries[("onnx_export", "1x16 decode")]
     assert decode["throughput_per_s"] == pytest.approx(1000 / decode["median_ms"], rel=1e-3)  # tokens/s
-    assert any("no KV cache" in n for n in decode["notes"])
+    assert any("KV cache: the graph's past key/values" in n for n in decode["notes"])
     assert decode["loop"] == entries[("baseline", "1x16 decode")]["loop"]
     assert decode["speedup_vs_baseline"]["interleaved"] and decode["speedup_vs_baseline"]["runtime"] == "torch_eager"

@@ -93,7 +93,11 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     artifact = _load(job, registry.loader_view())
-    run = runtime.prepare(artifact, job["device"], job.get("threads", 0))
+    if job.get("new_tokens"):  # generation: the peak includes the KV cache of the whole sequence
+        generate = runtime.prepare_generation(artifact, job["device"], job.get("threads", 0))
+        run = lambda batch: generate(batch, job["new_tokens"])  # noqa: E731
+    else:
+        run = runtime.prepare(artifact, job["device"], job.get("threads", 0))
     for _ in range(job.get("iterations", 3)):
         run(inputs)
     peak = high_water_mb()

@@ -169,10 +169,9 @@ class OnnxRuntime(Runtime):
                     "install onnxruntime-gpu for CUDA")
         return None
 
-    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> TimedCall:
+    def _open(self, artifact: OnnxModel, device: str, threads: int) -> Any:
         import onnxruntime as ort
 
-        assert isinstance(artifact, OnnxModel)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
@@ -184,16 +183,24 @@ class OnnxRuntime(Runtime):
         if providers[0] != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")
         session = ort.InferenceSession(str(artifact.path), options, providers=providers)
-        self._session = session
         used = session.get_providers()
         self._notes = ["intra-op thread spinning off (it would slow the candidates interleaved with it)"]
         if used[0] != providers[0]:
             self._notes.append(f"onnxruntime fell back to {used[0]} instead of {providers[0]}")
         self._notes += quantization_notes(artifact.path, device)
+        return session
+
+    def prepare(self, artifact: ModelArtifact, device: str, threads: int) -> TimedCall:
+        from optitool.onnx_decoding import complete_feed, kv_layout
+
+        assert isinstance(artifact, OnnxModel)
+        session = self._open(artifact, device, threads)
         names = [i.name for i in session.get_inputs()]
+        layout = kv_layout(session, artifact.path)
 
         def call(inputs: dict[str, Any]) -> None:
-            session.run(None, {k: v.numpy() for k, v in inputs.items() if k in names})
+            feed = {k: v.numpy() for k, v in inputs.items() if k in names}
+            session.run(None, complete_feed(layout, feed) if layout is not None else feed)
 
         return call
 
@@ -201,18 +208,30 @@ class OnnxRuntime(Runtime):
         return list(self._notes)
 
     def prepare_generation(self, artifact: ModelArtifact, device: str, threads: int) -> GenerateCall | None:
-        """Greedy decoding with an `input_ids, attention_mask -> logits` graph: without past key/values in
-        the graph, every new token re-runs the whole sequence, and the report says so."""
+        """Greedy decoding: with the graph's past key/values when it has them (the cache kept in
+        onnxruntime between steps), else re-running the whole sequence for every token, which the report
+        says."""
         import torch
 
         from optitool.lm import greedy_without_cache
+        from optitool.onnx_decoding import OnnxDecoder, kv_layout
 
-        self.prepare(artifact, device, threads)  # opens the session with the benchmark's options and notes
-        session = self._session
-        names = [i.name for i in session.get_inputs()]
-        if any("past" in n for n in names):
-            return None  # a graph with a KV cache needs its own loop (not built yet)
+        assert isinstance(artifact, OnnxModel)
+        session = self._open(artifact, device, threads)
+        layout = kv_layout(session, artifact.path)
+        clock = _clock("cpu")  # onnxruntime's run returns once the device has finished
+        if layout is not None:
+            decoder = OnnxDecoder(session, layout, device)
+            self._notes.append("KV cache: the graph's past key/values, kept in onnxruntime between steps "
+                               "(IO binding)")
+
+            def generate_with_cache(prompt: dict[str, Any], new_tokens: int) -> tuple[float, float]:
+                _, first_s, rest_s = decoder.greedy(prompt["input_ids"].numpy(), new_tokens, clock)
+                return first_s * 1000, rest_s * 1000 / max(1, new_tokens - 1)
+
+            return generate_with_cache
         self._notes.append("no KV cache in this graph: every new token re-runs the whole sequence")
+        names = [i.name for i in session.get_inputs()]
 
         def forward(ids: Any, mask: Any) -> Any:
             feed = {k: v.numpy() for k, v in (("input_ids", ids), ("attention_mask", mask)) if k in names}

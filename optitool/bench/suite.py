@@ -159,10 +159,14 @@ def _measure_generation(chosen: list[Candidate], spec: BenchmarkSpec, device: st
                   "new_tokens": spec.new_tokens, "interleaved_with": sorted(k for k in generators if k != c.key),
                   "loop": loop, "load": load, "notes": runtimes[c.key].notes()}
         warm = spec.warmup  # the warm-up generations were recorded too
+        decode_entry = _entry(c, f"{shape} decode", decode[c.key][warm:], batch_size, {**common, "measure": "decode"})
+        if spec.memory:  # peak of a whole generation in a fresh process: weights, activations and KV cache
+            job = _memory_job(c.target, c.runtime_name, device, threads)
+            decode_entry["memory"] = (measure_in_subprocess({**job, "new_tokens": spec.new_tokens, "iterations": 1},
+                                                            feeds[0]) if job else
+                                      {"error": "this stage cannot be reloaded in a fresh process"})
         c.target.record.setdefault("benchmarks", []).extend([
-            _entry(c, f"{shape} ttft", ttft[c.key][warm:], batch_size, {**common, "measure": "ttft"}),
-            _entry(c, f"{shape} decode", decode[c.key][warm:], batch_size, {**common, "measure": "decode"}),
-        ])
+            _entry(c, f"{shape} ttft", ttft[c.key][warm:], batch_size, {**common, "measure": "ttft"}), decode_entry])
     _log_busy(load, shape, log)
     return shape
 

@@ -99,3 +99,8 @@ def library_output_to_log(logger: logging.Logger, *, verbose: bool) -> Iterator[
         stream.flush()
         for handler, original in swapped:
             handler.setStream(original)
+        # A library imported during the block may have made a handler on the redirected stdout/stderr
+        # (onnxruntime-genai's builder does): left there, its records would feed back into `logger`
+        # forever. They go to the real stream they meant.
+        for handler in _terminal_handlers((stream,)):
+            handler.setStream(sys.stderr)

@@ -12,8 +12,13 @@ from optitool import OnnxModel, Pass, PassConfig, PassContext, PassError, TorchM
 
 
 class OnnxExportConfig(PassConfig):
-    exporter: Literal["dynamo", "torchscript", "optimum"] = Field(
-        "dynamo", description="torch.onnx's dynamo exporter, the TorchScript exporter, or optimum's (HF models)")
+    exporter: Literal["dynamo", "torchscript", "optimum", "genai"] = Field(
+        "dynamo", description="torch.onnx's dynamo exporter, the TorchScript exporter, optimum's (HF models), or "
+        "onnxruntime-genai's model builder (HF causal LMs of the families it knows; always with a KV cache)")
+    kv_cache: bool | None = Field(
+        None, description="causal LMs: past key/values in the graph, one graph for prefill and decode "
+        "(default: yes for causal LMs, no otherwise)")
+    verify_steps: int = Field(32, ge=1, description="with a KV cache: greedy steps that must equal torch's")
     opset: int = Field(18, ge=11, le=23, description="ONNX opset")
     dynamic_axes: bool = Field(True, description="dynamic batch (and sequence) axes")
     optimize: Literal["none", "basic", "extended", "transformer"] = Field(
@@ -56,13 +61,15 @@ class OnnxExport(Pass):
         if ctx.inputs is None:
             raise PassError("onnx_export needs example inputs: give the model a tokenizer or [model.inputs]")
         path = ctx.stage_dir / "model.onnx"
+        module = model.module.eval().cpu()
+        if self._with_cache(model):
+            return self._run_decoder(model, ctx, path)
         sample = ctx.inputs.example(2, 16 if ctx.inputs.is_text else None)
         if "attention_mask" in sample:
             # Trace with padding: a model may skip an all-ones mask, and the graph would then ignore masks.
             sample["attention_mask"] = sample["attention_mask"].clone()
             sample["attention_mask"][-1, -4:] = 0
         names = list(sample)
-        module = model.module.eval().cpu()
         import torch
 
         with torch.inference_mode():
@@ -71,6 +78,55 @@ class OnnxExport(Pass):
             self._export_optimum(model, ctx, path)
         else:
             self._export_torch(module, sample, names, output_name, path)
+        batches = [ctx.inputs.example(cfg.verify_batch_size, index=i) for i in range(cfg.verify_batches)]
+        return self._finish(model, ctx, path, names, batches)
+
+    def _with_cache(self, model: TorchModel) -> bool:
+        from optitool import is_causal_lm
+
+        cfg: OnnxExportConfig = self.config
+        causal = is_causal_lm(model)
+        if cfg.kv_cache and not causal:
+            raise PassError(f"kv_cache = true: {type(model.module).__name__} is not a causal language model, so it "
+                            "has no KV cache to export; set kv_cache = false (or leave it out)")
+        if cfg.exporter == "genai" and not causal:
+            raise PassError(f'exporter = "genai" exports causal language models; {type(model.module).__name__} is '
+                            'not one: use exporter = "dynamo"')
+        if cfg.exporter == "genai" and cfg.kv_cache is False:
+            raise PassError('exporter = "genai" always writes a KV cache; use exporter = "dynamo" for kv_cache = false')
+        wanted = causal if cfg.kv_cache is None else cfg.kv_cache
+        if wanted and cfg.exporter in ("torchscript", "optimum"):
+            raise PassError(f'kv_cache: exporter = "{cfg.exporter}" is wired for graphs without a KV cache here; use '
+                            'exporter = "dynamo" or "genai" for a decoder with its cache, or set kv_cache = false')
+        return wanted
+
+    def _run_decoder(self, model: TorchModel, ctx: PassContext, path: Path) -> OnnxModel:
+        """A causal LM with its KV cache: export, then check the prefill's logits and `verify_steps` greedy
+        tokens against torch."""
+        from optitool_onnx.decoder import export_with_past, verify_decoding
+        from optitool_onnx.genai import export_genai
+
+        cfg: OnnxExportConfig = self.config
+        if cfg.exporter == "genai":
+            export_genai(model, path, ctx.logger)
+        else:
+            export_with_past(model, path, cfg.opset, _too_big_for_protobuf(model.module))
+        from optitool import token_blocks
+
+        # Unpadded blocks of real text: what a decoder is evaluated on (logits at padding mean nothing)
+        blocks = token_blocks(ctx.inputs, "eval", 32, seed=ctx.inputs.seed)[:cfg.verify_batches]
+        exported = self._finish(model, ctx, path, ["input_ids", "attention_mask"], [b.inputs for b in blocks])
+        if cfg.verify:
+            import torch
+
+            prompts = torch.cat([b.inputs["input_ids"] for b in blocks])[:4, :16]
+            ctx.metrics.update(verify_decoding(model, exported.path, prompts, cfg.verify_steps))
+        ctx.metrics["kv_cache"] = True
+        return exported
+
+    def _finish(self, model: TorchModel, ctx: PassContext, path: Path, names: list[str],
+                batches: list[dict[str, Any]]) -> OnnxModel:
+        cfg: OnnxExportConfig = self.config
         if cfg.optimize != "none":
             self._optimize(model, path, ctx)
         if cfg.fp16:
@@ -78,7 +134,7 @@ class OnnxExport(Pass):
         exported = OnnxModel(path, tokenizer=model.tokenizer, input_names=names)
         _note_dropped_weights(model, exported, ctx)
         if cfg.verify:
-            self._verify(model, exported, ctx)
+            self._verify(model, exported, ctx, batches)
         return exported
 
     # ------------------------------------------------------------------------------------------ export
@@ -168,7 +224,8 @@ class OnnxExport(Pass):
         save_onnx(converted, path)
 
     # ------------------------------------------------------------------------------------------ verify
-    def _verify(self, model: TorchModel, exported: OnnxModel, ctx: PassContext) -> None:
+    def _verify(self, model: TorchModel, exported: OnnxModel, ctx: PassContext,
+                batches: list[dict[str, Any]]) -> None:
         import torch
 
         from optitool import Executor
@@ -176,8 +233,7 @@ class OnnxExport(Pass):
         cfg: OnnxExportConfig = self.config
         torch_run, onnx_run = Executor(model, "cpu"), Executor(exported)
         worst, cosines = 0.0, []
-        for index in range(cfg.verify_batches):
-            inputs = ctx.inputs.example(cfg.verify_batch_size, index=index)
+        for index, inputs in enumerate(batches):
             _, expected = torch_run.raw(inputs)
             _, got = onnx_run.raw(inputs)
             if expected.shape != got.shape:

@@ -69,3 +69,21 @@ def test_verbose_lets_libraries_print(tmp_path):
     result, _ = _run(tmp_path, "--verbose")
     assert result.exit_code == 0, result.output
     assert "[exporter] Translate the graph" in result.output and "somelibrary is not installed" in result.output
+
+
+def test_a_handler_a_library_makes_on_the_redirected_stdout_does_not_loop_afterwards():
+    """onnxruntime-genai's builder, imported inside a run, makes a logging handler on whatever sys.stdout is
+    then: our redirection. Left there, every later record would feed back into the run's logger forever."""
+    from optitool.report.console import library_output_to_log
+
+    run_logger = logging.getLogger("optitool.test.run")
+    run_logger.addHandler(logging.StreamHandler(sys.stdout))
+    library = logging.getLogger("acme.imported_during_the_run")
+    try:
+        with library_output_to_log(run_logger, verbose=False):
+            library.addHandler(logging.StreamHandler(sys.stdout))
+        library.warning("after the run")  # RecursionError before the fix
+        assert library.handlers[0].stream is sys.stderr
+    finally:
+        library.handlers.clear()
+        run_logger.handlers.clear()
