@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from optitool import OnnxModel, Pass, PassConfig, PassContext, PassError
+from optitool_quantize.source_grid import quantize_matmuls_on_source_grid
 
 
 class WeightOnlyConfig(PassConfig):
@@ -21,6 +22,10 @@ class WeightOnlyConfig(PassConfig):
     op_types: list[Literal["MatMul", "Gather"]] = Field(
         default_factory=lambda: ["MatMul"], description="MatMul weights; Gather adds the embedding table")
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names left in float")
+    grid: Literal["minmax", "source"] = Field(
+        "minmax", description="minmax: onnxruntime's quantizer (block min/max, integer zero point); source: "
+        "recover the grid each block already sits on (exact for weights dequantized from GGUF Q4_x/Q8_0 files; "
+        "min/max where there is none), MatMul weights only")
 
     @field_validator("block_size")
     @classmethod
@@ -45,11 +50,21 @@ class WeightOnlyQuantize(Pass):
         cfg: WeightOnlyConfig = self.config
         graph_model = onnx.load(str(model.path))
         rewritten = gemm_as_matmul(graph_model)
-        quantizer = MatMulNBitsQuantizer(graph_model, bits=cfg.bits, block_size=cfg.block_size,
-                                         is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level or None,
-                                         nodes_to_exclude=cfg.exclude_nodes, op_types_to_quantize=tuple(cfg.op_types))
-        quantizer.process()
-        quantized = quantizer.model.model
+        untied = transposed_weights_as_initializers(graph_model)
+        extra: dict[str, Any] = {}
+        if cfg.grid == "source":
+            found = quantize_matmuls_on_source_grid(graph_model, cfg.bits, cfg.block_size, cfg.accuracy_level,
+                                                    cfg.exclude_nodes)
+            extra.update(blocks_on_source_grid=round(found.exact_blocks / max(found.blocks, 1), 4),
+                         weights_in_8_bits=found.eight_bit)
+        ops = tuple(o for o in cfg.op_types if cfg.grid == "minmax" or o != "MatMul")
+        if ops:
+            quantizer = MatMulNBitsQuantizer(graph_model, bits=cfg.bits, block_size=cfg.block_size,
+                                             is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level or None,
+                                             nodes_to_exclude=cfg.exclude_nodes, op_types_to_quantize=ops)
+            quantizer.process()
+            graph_model = quantizer.model.model
+        quantized = graph_model
         changed = sum(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in quantized.graph.node)
         if not changed:
             raise PassError(f"no {' or '.join(cfg.op_types)} weight could be quantized to {cfg.bits} bits with "
@@ -60,8 +75,43 @@ class WeightOnlyQuantize(Pass):
         before, after = model.size_bytes(), OnnxModel(target).size_bytes()
         ctx.metrics.update(size_before_bytes=before, size_after_bytes=after, size_ratio=round(after / before, 4),
                            quantized_nodes=changed, bits=cfg.bits, block_size=cfg.block_size,
-                           gemm_rewritten_as_matmul=rewritten)
+                           gemm_rewritten_as_matmul=rewritten, transposed_weights_materialized=untied, **extra)
         return OnnxModel(target, tokenizer=model.tokenizer, input_names=model.input_names)
+
+
+def transposed_weights_as_initializers(model: Any) -> int:
+    """Replace Transpose(weight) -> MatMul with the transposed weight itself, in place; returns how many.
+
+    A tied LM head is exported as MatMul(hidden, Transpose(embedding table)): the quantizer only takes a
+    MatMul whose weight is an initializer, so the largest matrix of a small LLM stayed float and was
+    transposed again on every call. Materialised, the head is quantized like every other projection (and,
+    with op_types including Gather, the embedding table too: both end far smaller than the one float table).
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    materialized, dropped = 0, set()
+    for node in graph.node:
+        users = consumers.get(node.output[0] if node.output else "", [])
+        if (node.op_type != "Transpose" or node.input[0] not in weights or node.output[0] in outputs or not users
+                or any(u.op_type != "MatMul" or list(u.input).index(node.output[0]) != 1 for u in users)):
+            continue
+        perm = helper.get_attribute_value(node.attribute[0]) if node.attribute else None
+        array = numpy_helper.to_array(weights[node.input[0]]).transpose(perm).copy()
+        graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        dropped.add(id(node))
+        materialized += 1
+    if materialized:
+        kept = [n for n in graph.node if id(n) not in dropped]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return materialized
 
 
 def gemm_as_matmul(model: Any) -> int:

@@ -104,3 +104,71 @@ def test_weight_only_contract(tmp_path):
     from optitool_quantize.weight_only import WeightOnlyQuantize
 
     check_pass_contract(WeightOnlyQuantize, settings={"block_size": 16}, tmp_path=tmp_path)
+
+
+def _snap_to_block_grids(folder, block: int) -> None:
+    """Make a tiny Llama look dequantized from a GGUF file: every projection on a 4-bit grid (Q4_1: a minimum
+    and a step per block of input channels), the tied embedding on an 8-bit symmetric one (Q8_0)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = module.weight if isinstance(module, torch.nn.Linear) else None
+            if weight is None or weight is model.get_input_embeddings().weight:
+                continue
+            blocks = weight.view(weight.shape[0], -1, block)
+            low = blocks.amin(-1, keepdim=True)
+            step = (blocks.amax(-1, keepdim=True) - low) / 15
+            blocks.copy_(low + step * torch.round((blocks - low) / step))
+        table = model.get_input_embeddings().weight.view(-1, block)
+        step = table.abs().amax(-1, keepdim=True) / 127
+        table.copy_(step * torch.round(table / step))
+    model.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("grid", ["source", "minmax"])
+def test_int4_on_the_grid_the_weights_came_from_is_lossless(tmp_path, optitool_text_folder, grid):
+    """grid = "source" recovers each block's step and minimum: weights dequantized from a Q4_1/Q8_0 file come
+    back exactly (the Q8_0 head in 8 bits), so perplexity does not move; min/max with an integer zero
+    point rounds them a second time. The tied LM head is quantized too."""
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama")
+    _snap_to_block_grids(folder, 16)
+    snippet = (f'[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nsequence_lengths = [16]\n'
+               f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nlabel_field = ""\nsplits = {{ eval = 0.5 }}\n'
+               f'[[passes]]\npass = "onnx_export"\n[[passes]]\npass = "weight_only_quantize"\nbits = 4\n'
+               f'block_size = 16\ngrid = "{grid}"\n')
+    result = run_snippet(snippet, tmp_path)
+    _, exported, quantized = (s["metrics"] for s in result.report["stages"])
+    graph = onnx.load(result.run_dir / result.report["stages"][2]["artifact"])
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == 2 * 7 + 1 and "Transpose" not in [
+        n.op_type for n in graph.graph.node if n.input and n.input[0] in {i.name for i in graph.graph.initializer}]
+    rise = quantized["perplexity"] / exported["perplexity"] - 1
+    if grid == "source":
+        assert quantized["blocks_on_source_grid"] == 1.0 and len(quantized["weights_in_8_bits"]) == 1
+        assert abs(rise) < 2e-3 and quantized["token_agreement"] > 0.99
+    else:
+        assert rise > 5e-3  # what the source grid saves
+
+
+def test_a_tied_head_exported_as_a_transpose_of_the_embedding_is_materialized_and_quantized():
+    """torch.onnx writes SmolLM2's tied head as MatMul(h, Transpose(embedding)): the quantizer takes only
+    initializer weights, so the largest matrix stayed float and was transposed on every call."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from optitool_quantize.weight_only import transposed_weights_as_initializers
+
+    table = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["h"]), helper.make_node("Transpose", ["table"], ["head"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "head"], ["logits"])], "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 64])], [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph)
+    assert transposed_weights_as_initializers(model) == 1
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert [n.op_type for n in model.graph.node] == ["Gather", "MatMul"] and np.array_equal(weights["head"], table.T)
