@@ -213,6 +213,7 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
     _check_stage_names(passes, benchmark, budget, where)
     _check_context(model, data, benchmark, registry, base_dir, where)
     _check_budget_shapes(benchmark, budget, where)
+    _check_language_model_budget(model, budget, registry, base_dir, where)
     _check_data_needs(passes, registry, data, where)
     spec = PipelineSpec(name=name, seed=seed, model=model, data=data, passes=passes, benchmark=benchmark,
                         budget=budget, output=output, base_dir=base_dir, source=source, raw=raw)
@@ -361,6 +362,29 @@ def _check_budget_shapes(benchmark: BenchmarkSpec, budget: BudgetSpec | None, wh
                               f"[benchmark] does not measure; it measures {', '.join(shapes)} (batch x sequence "
                               "length; '<shape> ttft' and '<shape> decode' for causal language models; batch "
                               "alone for models without a sequence axis)")
+
+
+LANGUAGE_MODEL_BUDGETS = ("max_perplexity_increase", "min_token_agreement", "min_generation_agreement")
+
+
+def _check_language_model_budget(model: ModelSpec, budget: BudgetSpec | None, registry: Registry, base_dir: Path,
+                                 where: str) -> None:
+    """Perplexity, token and generation agreement, time to first token and decode latency are measured for
+    causal language models only: on any other model such a budget could only ever fail, after the run."""
+    if budget is None:
+        return
+    says = getattr(registry.loaders[model.source].obj, "task", None)
+    task = says(model, base_dir) if says is not None else None
+    if task is None or task == "text-generation":
+        return
+    asked = [f"[budget].{k}" for k in LANGUAGE_MODEL_BUDGETS if getattr(budget, k) is not None]
+    if isinstance(budget.max_latency_ms, dict):
+        asked += [f"[budget].max_latency_ms {shape!r}" for shape in budget.max_latency_ms
+                  if shape.endswith((" ttft", " decode"))]
+    if asked:
+        raise ConfigError(f"{where}: {asked[0]} is measured for causal language models only, and [model] is a "
+                          f"{task!r} model (its config names no ...ForCausalLM architecture); drop that limit, or "
+                          'load a causal LM (task = "text-generation")')
 
 
 def _check_data_needs(passes: list[PassSpec], registry: Registry, data: DataSpec | None, where: str) -> None:

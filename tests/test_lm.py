@@ -237,3 +237,19 @@ def test_a_causal_lm_is_benchmarked_in_generation_interleaved_across_runtimes(tm
     assert any("KV cache: the graph's past key/values" in n for n in decode["notes"])
     assert decode["loop"] == entries[("baseline", "1x16 decode")]["loop"]
     assert decode["speedup_vs_baseline"]["interleaved"] and decode["speedup_vs_baseline"]["runtime"] == "torch_eager"
+
+
+@pytest.mark.parametrize("budget", ["min_generation_agreement = 0.9", "max_perplexity_increase = 0.01",
+                                    'max_latency_ms = { "1x16 decode" = 5 }'])
+def test_a_language_model_budget_on_a_model_that_is_not_one_is_refused_before_loading(
+        tmp_path, optitool_tiny_bert, budget):
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    (tmp_path / "p.toml").write_text(f'[model]\nsource = "hf"\npath = "{optitool_tiny_bert}"\nmax_length = 16\n'
+                                     f"[benchmark]\nsequence_lengths = [16]\nbatch_sizes = [1]\n[budget]\n{budget}\n")
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
+    assert result.exit_code == 2, result.output
+    assert "is measured for causal language models only, and [model] is a 'feature-extraction' model" in result.output
+    assert budget.split(" = ")[0].split(" ")[0] in result.output

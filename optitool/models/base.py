@@ -34,6 +34,11 @@ class Loader:
         Sequence lengths asked of the model beyond it are refused before anything loads."""
         return None
 
+    def task(self, spec: ModelSpec, base_dir: Path) -> str | None:
+        """What the model does ("text-generation" for a causal LM), when its files say so without loading
+        it (None: unknown). Budgets only a language model can meet are refused before anything loads."""
+        return None
+
     @staticmethod
     def existing(value: str, base_dir: Path, where: str) -> Path:
         path = resolve_path(value, base_dir, where=where)

@@ -60,6 +60,11 @@ class HfLoader(Loader):
                                   "is not a Hugging Face model folder")
         super().validate(spec.model_copy(update={"path": None}), base_dir, where)
 
+    def task(self, spec: ModelSpec, base_dir: Path) -> str | None:
+        if spec.task:
+            return spec.task
+        return default_task(resolve_path(spec.path, base_dir, where="[model].path")) if spec.path else None
+
     def context_length(self, spec: ModelSpec, base_dir: Path) -> int | None:
         if not spec.path:
             return None
@@ -132,6 +137,9 @@ class TorchvisionLoader(Loader):
     name = "torchvision"
     needs = ("name",)
 
+    def task(self, spec: ModelSpec, base_dir: Path) -> str | None:
+        return "image-classification"
+
     def validate(self, spec: ModelSpec, base_dir: Path, where: str) -> None:
         super().validate(spec, base_dir, where)
         if importlib.util.find_spec("torchvision") is None:
@@ -201,6 +209,9 @@ class GgufLoader(Loader):
             known = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
             raise ConfigError(f"{where}: [model].path = {spec.path!r} holds a {architecture!r} model, which this "
                               f"transformers cannot load from GGUF; it loads {known}")
+
+    def task(self, spec: ModelSpec, base_dir: Path) -> str | None:
+        return "text-generation"  # transformers loads GGUF files as causal LMs only
 
     def context_length(self, spec: ModelSpec, base_dir: Path) -> int | None:
         path = resolve_path(spec.path, base_dir, where="[model].path")

