@@ -213,7 +213,15 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
     _check_stage_names(passes, benchmark, budget, where)
     _check_context(model, data, benchmark, registry, base_dir, where)
     _check_budget_shapes(benchmark, budget, where)
-    _check_language_model_budget(model, budget, registry, base_dir, where)
+    task = _declared_task(model, registry, base_dir)
+    if task is not None:
+        _check_language_model_budget(task, budget, where)
+        for spec in passes:
+            if spec.enabled:
+                try:
+                    spec.make(registry).check_task(task)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: passes[{spec.index}] (pass {spec.pass_name!r}): {exc}") from None
     _check_data_needs(passes, registry, data, where)
     spec = PipelineSpec(name=name, seed=seed, model=model, data=data, passes=passes, benchmark=benchmark,
                         budget=budget, output=output, base_dir=base_dir, source=source, raw=raw)
@@ -367,15 +375,16 @@ def _check_budget_shapes(benchmark: BenchmarkSpec, budget: BudgetSpec | None, wh
 LANGUAGE_MODEL_BUDGETS = ("max_perplexity_increase", "min_token_agreement", "min_generation_agreement")
 
 
-def _check_language_model_budget(model: ModelSpec, budget: BudgetSpec | None, registry: Registry, base_dir: Path,
-                                 where: str) -> None:
+def _declared_task(model: ModelSpec, registry: Registry, base_dir: Path) -> str | None:
+    """The task the model's files declare, when its loader can tell without loading it."""
+    says = getattr(registry.loaders[model.source].obj, "task", None)
+    return says(model, base_dir) if says is not None else None
+
+
+def _check_language_model_budget(task: str, budget: BudgetSpec | None, where: str) -> None:
     """Perplexity, token and generation agreement, time to first token and decode latency are measured for
     causal language models only: on any other model such a budget could only ever fail, after the run."""
-    if budget is None:
-        return
-    says = getattr(registry.loaders[model.source].obj, "task", None)
-    task = says(model, base_dir) if says is not None else None
-    if task is None or task == "text-generation":
+    if budget is None or task == "text-generation":
         return
     asked = [f"[budget].{k}" for k in LANGUAGE_MODEL_BUDGETS if getattr(budget, k) is not None]
     if isinstance(budget.max_latency_ms, dict):

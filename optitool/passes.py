@@ -55,6 +55,10 @@ class Pass:
     def check(self, input_kind: str) -> None:
         """Refuse, before anything runs, a setting that cannot work on this kind (raise ConfigError)."""
 
+    def check_task(self, task: str) -> None:
+        """Refuse, before anything loads, a setting that cannot work for the task the model's files declare
+        ("text-generation" for a causal LM; called only when the loader can tell; raise ConfigError)."""
+
     def data_needs(self) -> dict[str, str]:
         """The data splits this pass needs with these settings: split name -> "inputs" or "labels".
         The pipeline is refused before anything runs when its [data] cannot give them."""

@@ -140,10 +140,26 @@ def test_a_decode_step_that_differs_from_torch_fails_the_export(tmp_path, optito
 
 
 def test_kv_cache_asked_of_a_model_without_one_is_a_clear_error(tmp_path, optitool_tiny_bert):
-    snippet = (f'[model]\nsource = "hf"\npath = "{optitool_tiny_bert}"\nmax_length = 16\n'
-               '[[passes]]\npass = "onnx_export"\nkv_cache = true\n')
-    with pytest.raises(RunError, match="kv_cache = true: BertModel is not a causal language model"):
-        run_snippet(snippet, tmp_path)
+    """Refused by validate when the model's files say what it is (exit 2), by the pass when they do not
+    (a Python factory: only the loaded model tells)."""
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    for setting in ("kv_cache = true", 'exporter = "genai"'):
+        (tmp_path / "p.toml").write_text(f'[model]\nsource = "hf"\npath = "{optitool_tiny_bert}"\nmax_length = 16\n'
+                                         f'[[passes]]\npass = "onnx_export"\n{setting}\n')
+        result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
+        assert result.exit_code == 2 and "passes[0] (pass 'onnx_export')" in result.output, result.output
+        assert setting in result.output and "'feature-extraction' model" in result.output
+    from optitool.models.loaders import LOADERS
+    from optitool.spec import ModelSpec
+
+    model = LOADERS["hf"].load(ModelSpec(source="hf", path=str(optitool_tiny_bert)), tmp_path)
+    from optitool_onnx.export import OnnxExport, OnnxExportConfig
+
+    with pytest.raises(optitool.PassError, match="kv_cache = true: BertModel is not a causal language model"):
+        OnnxExport(OnnxExportConfig(kv_cache=True))._with_cache(model)
 
 
 def test_kv_cache_false_exports_the_graph_without_past(tmp_path, optitool_text_folder):

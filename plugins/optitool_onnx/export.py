@@ -8,7 +8,17 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from optitool import OnnxModel, Pass, PassConfig, PassContext, PassError, TorchModel, call_module, main_output
+from optitool import (
+    ConfigError,
+    OnnxModel,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassError,
+    TorchModel,
+    call_module,
+    main_output,
+)
 
 
 class OnnxExportConfig(PassConfig):
@@ -80,6 +90,15 @@ class OnnxExport(Pass):
             self._export_torch(module, sample, names, output_name, path)
         batches = [ctx.inputs.example(cfg.verify_batch_size, index=i) for i in range(cfg.verify_batches)]
         return self._finish(model, ctx, path, names, batches)
+
+    def check_task(self, task: str) -> None:
+        cfg: OnnxExportConfig = self.config
+        if task != "text-generation" and cfg.kv_cache:
+            raise ConfigError(f"kv_cache = true, but the model is a {task!r} model, not a causal language model: it "
+                              "has no KV cache to export; set kv_cache = false (or leave it out)")
+        if task != "text-generation" and cfg.exporter == "genai":
+            raise ConfigError(f'exporter = "genai" exports causal language models, and the model is a {task!r} '
+                              'model: use exporter = "dynamo"')
 
     def _with_cache(self, model: TorchModel) -> bool:
         from optitool import is_causal_lm
