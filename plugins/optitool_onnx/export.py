@@ -22,9 +22,11 @@ from optitool import (
 
 
 class OnnxExportConfig(PassConfig):
-    exporter: Literal["dynamo", "torchscript", "optimum", "genai"] = Field(
-        "dynamo", description="torch.onnx's dynamo exporter, the TorchScript exporter, optimum's (HF models), or "
-        "onnxruntime-genai's model builder (HF causal LMs of the families it knows; always with a KV cache)")
+    exporter: Literal["auto", "dynamo", "torchscript", "optimum", "genai"] = Field(
+        "auto", description="torch.onnx's dynamo exporter, the TorchScript exporter, optimum's (HF models), or "
+        "onnxruntime-genai's model builder (HF causal LMs of the families it knows; always with a KV cache); "
+        "auto: TorchScript for optimize = \"transformer\" on an encoder (onnxruntime fuses only its graphs), "
+        "dynamo otherwise")
     kv_cache: bool | None = Field(
         None, description="causal LMs: past key/values in the graph, one graph for prefill and decode "
         "(default: yes for causal LMs, no otherwise)")
@@ -84,10 +86,14 @@ class OnnxExport(Pass):
 
         with torch.inference_mode():
             output_name = main_output(call_module(module, sample))[0]
-        if cfg.exporter == "optimum":
+        exporter = self._exporter(with_cache=False)
+        ctx.metrics["exporter"] = exporter
+        if cfg.optimize == "transformer":
+            _eager_attention(module)  # onnxruntime's fusions match the eager attention's pattern, not SDPA's
+        if exporter == "optimum":
             self._export_optimum(model, ctx, path)
         else:
-            self._export_torch(module, sample, names, output_name, path)
+            self._export_torch(module, sample, names, output_name, path, exporter)
         batches = [ctx.inputs.example(cfg.verify_batch_size, index=i) for i in range(cfg.verify_batches)]
         return self._finish(model, ctx, path, names, batches)
 
@@ -126,7 +132,9 @@ class OnnxExport(Pass):
         from optitool_onnx.genai import export_genai
 
         cfg: OnnxExportConfig = self.config
-        if cfg.exporter == "genai":
+        exporter = self._exporter(with_cache=True)
+        ctx.metrics["exporter"] = exporter
+        if exporter == "genai":
             export_genai(model, path, ctx.logger)
         else:
             export_with_past(model, path, cfg.opset, _too_big_for_protobuf(model.module))
@@ -157,8 +165,17 @@ class OnnxExport(Pass):
         return exported
 
     # ------------------------------------------------------------------------------------------ export
+    def _exporter(self, *, with_cache: bool) -> str:
+        """The exporter `auto` stands for: onnxruntime 1.32's transformer fusions find the attention of
+        TorchScript-exported encoders only (MiniLM under transformers 5: 6 Attention nodes fused from the
+        TorchScript graph with eager attention, none from the dynamo graph with either attention)."""
+        cfg: OnnxExportConfig = self.config
+        if cfg.exporter != "auto":
+            return cfg.exporter
+        return "torchscript" if cfg.optimize == "transformer" and not with_cache else "dynamo"
+
     def _export_torch(self, module: Any, sample: dict[str, Any], names: list[str], output_name: str,
-                      path: Path) -> None:
+                      path: Path, exporter: str) -> None:
         import torch
 
         cfg: OnnxExportConfig = self.config
@@ -167,7 +184,7 @@ class OnnxExport(Pass):
         text_like = all(v.dim() == 2 and not v.is_floating_point() for v in args)
         axes = {0: "batch", 1: "sequence"} if text_like else {0: "batch"}
         kwargs: dict[str, Any] = {"input_names": names, "output_names": [output_name], "opset_version": cfg.opset}
-        if cfg.exporter == "torchscript":
+        if exporter == "torchscript":
             if cfg.dynamic_axes:
                 out_axes = {0: "batch", 1: "sequence"} if output_name == "last_hidden_state" else {0: "batch"}
                 kwargs["dynamic_axes"] = {**{n: axes for n in names}, output_name: out_axes}
@@ -281,6 +298,20 @@ def _note_dropped_weights(model: TorchModel, exported: OnnxModel, ctx: PassConte
     if dropped > 0:
         ctx.metrics["weights_not_exported"] = dropped
         ctx.logger.info("%d weights are not in the exported graph: its output does not use them", dropped)
+
+
+def _eager_attention(module: Any) -> None:
+    """Switch a Hugging Face model to its eager attention (same numbers, the graph pattern fusers know)."""
+    setter = getattr(module, "set_attn_implementation", None)
+    config = getattr(module, "config", None)
+    if setter is not None:
+        try:
+            setter("eager")
+            return
+        except (ValueError, TypeError, AttributeError):
+            pass
+    if config is not None and hasattr(config, "_attn_implementation"):
+        config._attn_implementation = "eager"
 
 
 def _too_big_for_protobuf(module: Any) -> bool:

@@ -26,8 +26,8 @@ def test_planted_mismatch_fails_the_pass(tmp_path, monkeypatch):
 
     original = export_module.OnnxExport._export_torch
 
-    def corrupt(self, module, sample, names, output_name, path):
-        original(self, module, sample, names, output_name, path)
+    def corrupt(self, module, sample, names, output_name, path, exporter):
+        original(self, module, sample, names, output_name, path, exporter)
         model = onnx.load(path)
         biggest = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
         array = numpy_helper.to_array(biggest) * 1.5
@@ -46,6 +46,8 @@ def test_text_model_export_with_transformer_fusions(tmp_path, optitool_tiny_bert
     result = run_snippet(snippet, tmp_path)
     metrics = result.report["stages"][1]["metrics"]
     assert metrics["fidelity"] > 0.9999 and metrics["export_cosine"] > 0.9999
+    # exporter "auto" picks the graph onnxruntime can fuse: attention included, whatever transformers' version
+    assert metrics["exporter"] == "torchscript" and metrics["onnx_fusions"].get("Attention") == 2
 
 
 def test_contract(tmp_path):
