@@ -144,6 +144,11 @@ class TorchCompile(TorchEager):
 
         return torch.compile(super().module_for(artifact, device), dynamic=False)
 
+    def prepare_generation(self, artifact: ModelArtifact, device: str, threads: int) -> GenerateCall | None:
+        """Not built: compiled decoding needs a static cache (a growing one recompiles every step), and the
+        report says this runtime did not generate rather than time recompilation."""
+        return None
+
 
 class OnnxRuntime(Runtime):
     """onnxruntime with the CPU, CUDA or TensorRT execution provider."""

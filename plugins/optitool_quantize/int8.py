@@ -118,8 +118,14 @@ class Int8Quantize(Pass):
         import torch
 
         before = _torch_bytes(model.module)
-        quantized = torch.ao.quantization.quantize_dynamic(model.module.cpu(), {torch.nn.Linear}, dtype=torch.qint8)
-        ctx.metrics.update(size_before_bytes=before, backend="torch.ao dynamic int8 (CPU)")
+        module = model.module.cpu()
+        tied = tied_linears(module)
+        # A Linear sharing its weight with an embedding (a tied LM head) stays float: quantized, it would become
+        # a second copy beside the float table, and the model would grow (GPT-2: 21.3 -> 23.4 MB)
+        spec = {name: torch.ao.quantization.default_dynamic_qconfig for name, m in module.named_modules()
+                if isinstance(m, torch.nn.Linear) and name not in tied}
+        quantized = torch.ao.quantization.quantize_dynamic(module, spec, dtype=torch.qint8)
+        ctx.metrics.update(size_before_bytes=before, backend="torch.ao dynamic int8 (CPU)", tied_kept_float=tied)
         return TorchModel(quantized, origin=model.origin, tokenizer=model.tokenizer, input_names=model.input_names,
                           overrides=model.overrides, reloadable=False)
 
@@ -204,3 +210,11 @@ class _CalibrationReader:
 
     def get_next(self) -> dict[str, Any] | None:
         return next(self._feeds, None)
+
+
+def tied_linears(module: Any) -> list[str]:
+    """Names of the Linear layers whose weight is also an embedding table's (tied LM heads)."""
+    import torch
+
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    return [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear) and id(m.weight) in tables]

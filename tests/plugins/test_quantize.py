@@ -63,6 +63,17 @@ def test_torch_dynamic_int8_on_cpu(tmp_path):
     assert stage["kind"] == "torch" and stage["metrics"]["fidelity"] > 0.98
 
 
+def test_torch_dynamic_int8_keeps_a_tied_lm_head_tied_so_the_model_does_not_grow(
+        tmp_path, optitool_tiny_causal_lm, optitool_text_folder):
+    snippet = (f'[model]\nsource = "hf"\npath = "{optitool_tiny_causal_lm}"\nmax_length = 16\n'
+               f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nlabel_field = ""\n'
+               'splits = { eval = 0.5 }\n[benchmark]\nsequence_lengths = [16]\n[[passes]]\npass = "int8_quantize"\n')
+    base, quantized = (s["metrics"] for s in run_snippet(snippet, tmp_path).report["stages"])
+    # a quantized copy of the head beside the float table was a second vocab x hidden matrix (GPT-2 grew
+    # 21.3 -> 23.4 MB); the file of a tiny model is mostly pickling overhead, so count the weights
+    assert quantized["parameters"] == base["parameters"] and quantized["tied_kept_float"] == ["lm_head"]
+
+
 def test_weight_only_on_onnx_is_refused_before_running(tmp_path):
     from optitool.errors import ConfigError
 
