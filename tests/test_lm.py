@@ -241,7 +241,7 @@ def test_a_causal_lm_is_benchmarked_in_generation_interleaved_across_runtimes(tm
     snippet = lm_snippet(folder, optitool_text_folder, '[[passes]]\npass = "onnx_export"\n').replace(
         "[benchmark]\nsequence_lengths = [16]\n",
         "[benchmark]\nsequence_lengths = [16]\nbatch_sizes = [1]\nnew_tokens = 8\nwarmup = 1\nmin_iterations = 3\n"
-        "max_iterations = 3\nmin_seconds = 0\nmemory = false\n")
+        "max_iterations = 3\nmin_seconds = 0\nmemory = true\n")
     report = run_snippet(snippet, tmp_path, benchmark=True).report
     base, exported = report["stages"]
     entries = {(s["name"], b["shape"]): b for s in report["stages"] for b in s["benchmarks"]}
@@ -251,6 +251,8 @@ def test_a_causal_lm_is_benchmarked_in_generation_interleaved_across_runtimes(tm
     decode = entries[("onnx_export", "1x16 decode")]
     assert decode["throughput_per_s"] == pytest.approx(1000 / decode["median_ms"], rel=1e-3)  # tokens/s
     assert any("KV cache: the graph's past key/values" in n for n in decode["notes"])
+    for (_, shape), entry in entries.items():  # the peak of one whole generation, KV cache included
+        assert (entry.get("memory", {}).get("peak_rss_mb", 0) > 0) == shape.endswith("decode"), entry.get("memory")
     assert decode["loop"] == entries[("baseline", "1x16 decode")]["loop"]
     assert decode["speedup_vs_baseline"]["interleaved"] and decode["speedup_vs_baseline"]["runtime"] == "torch_eager"
 
