@@ -141,12 +141,13 @@ class OnnxExport(Pass):
         from optitool import token_blocks
 
         # Unpadded blocks of real text: what a decoder is evaluated on (logits at padding mean nothing)
-        blocks = token_blocks(ctx.inputs, "eval", 32, seed=ctx.inputs.seed)[:cfg.verify_batches]
+        length = min(32, ctx.inputs.max_length)
+        blocks = token_blocks(ctx.inputs, "eval", length, seed=ctx.inputs.seed)[:cfg.verify_batches]
         exported = self._finish(model, ctx, path, ["input_ids", "attention_mask"], [b.inputs for b in blocks])
         if cfg.verify:
             import torch
 
-            prompts = torch.cat([b.inputs["input_ids"] for b in blocks])[:4, :16]
+            prompts = torch.cat([b.inputs["input_ids"] for b in blocks])[:4, :length // 2]
             ctx.metrics.update(verify_decoding(model, exported.path, prompts, cfg.verify_steps))
         ctx.metrics["kv_cache"] = True
         return exported

@@ -27,6 +27,11 @@ class PruneConfig(PassConfig):
         "ffn", description="structured pruning of transformers: FFN units, attention heads, or both")
     include: list[str] = Field(default_factory=lambda: ["*"], description="module name patterns covered")
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE), description="module name patterns left")
+    criterion: Literal["magnitude", "wanda"] = Field(
+        "magnitude", description="what is pruned: the smallest |weight|, or the smallest |weight| x input norm "
+        "within each output row (Wanda; needs a calibration split, unstructured or N:M)")
+    calibration_samples: int = Field(64, ge=1, description="with criterion = wanda: calibration examples (or "
+                                     "token blocks of a causal LM) that give the input norms")
     schedule: Literal["oneshot", "cubic"] = Field(
         "oneshot", description="cubic: prune gradually during the next distill pass (unstructured only)")
     frequency: int = Field(10, ge=1, description="with schedule = cubic: optimizer steps between mask updates")
@@ -47,6 +52,8 @@ class PruneConfig(PassConfig):
             raise ValueError(f"sparsity is required with pattern = {self.pattern!r}")
         if self.schedule == "cubic" and self.pattern != "unstructured":
             raise ValueError("schedule = 'cubic' works with pattern = 'unstructured'")
+        if self.criterion == "wanda" and (self.pattern == "structured" or self.schedule != "oneshot"):
+            raise ValueError("criterion = 'wanda' works with pattern = 'unstructured' or 'N:M', schedule = 'oneshot'")
         match = N_M.match(self.pattern)
         if match and self.sparsity is not None and abs(self.sparsity - (1 - int(match[1]) / int(match[2]))) > 1e-9:
             raise ValueError(f"pattern {self.pattern} means sparsity {1 - int(match[1]) / int(match[2])}; "
@@ -62,9 +69,11 @@ class MagnitudePrune(Pass):
     takes = "torch"
     gives = "torch"
 
-    def covered(self, module: Any) -> dict[str, Any]:
-        """Weights of Linear and Conv layers (GPT-2's transposed Conv1D included) whose names match include
-        and not exclude."""
+    def data_needs(self) -> dict[str, str]:
+        return {"calibration": "inputs"} if self.config.criterion == "wanda" else {}
+
+    def covered_layers(self, module: Any) -> dict[str, Any]:
+        """Weight name -> layer, for covered(): the layers whose inputs Wanda measures."""
         import torch
 
         cfg: PruneConfig = self.config
@@ -74,8 +83,13 @@ class MagnitudePrune(Pass):
                 continue
             if any(fnmatch.fnmatch(name, p) for p in cfg.include) and not any(
                     fnmatch.fnmatch(name, p) for p in cfg.exclude):
-                found[f"{name}.weight"] = sub.weight
+                found[f"{name}.weight"] = sub
         return found
+
+    def covered(self, module: Any) -> dict[str, Any]:
+        """Weights of Linear and Conv layers (GPT-2's transposed Conv1D included) whose names match include
+        and not exclude."""
+        return {name: layer.weight for name, layer in self.covered_layers(module).items()}
 
     def run(self, model: TorchModel, ctx: PassContext) -> TorchModel:
         if self.config.pattern == "structured":
@@ -91,22 +105,25 @@ class MagnitudePrune(Pass):
         match = N_M.match(cfg.pattern)
         from optitool_prune.masks import global_masks, layer_mask, n_m_mask
 
-        if match:
+        transposed = {f"{n_}.weight" for n_, sub in model.module.named_modules() if is_hf_conv1d(sub)}
+        if cfg.criterion == "wanda":
+            masks = self._wanda(model, weights, transposed, ctx)
+        elif match:
             n, m = int(match[1]), int(match[2])
             masks = {}
-            transposed = {f"{n_}.weight" for n_, sub in model.module.named_modules() if is_hf_conv1d(sub)}
             for name, w in weights.items():
                 try:  # groups run along the input dimension: the first of a Conv1D's [in, out] weight
                     masks[name] = n_m_mask(w.t(), n, m).t() if name in transposed else n_m_mask(w, n, m)
                 except ValueError as exc:
                     raise PassError(f"{name}: {exc}; exclude that layer for pattern {cfg.pattern}") from None
-            ctx.metrics["runtime_note"] = (f"{cfg.pattern} sparsity runs faster only where a kernel exploits it: "
-                                           "torch.sparse semi-structured (2:4) on CUDA GPUs with sparse tensor "
-                                           "cores; on CPU and in onnxruntime the zeros run on dense kernels")
         elif cfg.scope == "global":
             masks = global_masks(weights, cfg.sparsity)
         else:
             masks = {name: layer_mask(w, cfg.sparsity) for name, w in weights.items()}
+        if match:
+            ctx.metrics["runtime_note"] = (f"{cfg.pattern} sparsity runs faster only where a kernel exploits it: "
+                                           "torch.sparse semi-structured (2:4) on CUDA GPUs with sparse tensor "
+                                           "cores; on CPU and in onnxruntime the zeros run on dense kernels")
         with torch.no_grad():
             for name, w in weights.items():
                 w.mul_(masks[name].to(w.dtype))
@@ -118,9 +135,43 @@ class MagnitudePrune(Pass):
         per_layer = {name: round(1 - float(masks[name].float().mean()), 6) for name in weights}
         covered = sum(w.numel() for w in weights.values())
         zeros = sum(int((w == 0).sum()) for w in weights.values())
-        ctx.metrics.update(pattern=cfg.pattern, covered_parameters=covered,
+        ctx.metrics.update(pattern=cfg.pattern, criterion=cfg.criterion, covered_parameters=covered,
                            covered_sparsity=round(zeros / covered, 6), sparsity_per_layer=per_layer)
         return model
+
+    def _wanda(self, model: TorchModel, weights: dict[str, Any], transposed: set[str],
+               ctx: PassContext) -> dict[str, Any]:
+        """Masks from |W| x input norm, per output row (unstructured) or per group of M inputs (N:M)."""
+        from optitool import is_causal_lm, token_blocks
+        from optitool_prune.masks import n_m_mask
+        from optitool_prune.wanda import input_norms, row_mask, scores
+
+        cfg: PruneConfig = self.config
+        if ctx.inputs is None or not ctx.inputs.has_split("calibration"):
+            raise PassError("criterion = 'wanda' needs a calibration split: add one to [data] splits")
+        if is_causal_lm(model):
+            blocks = token_blocks(ctx.inputs, "calibration", ctx.inputs.max_length, seed=ctx.inputs.seed)
+            batches = [b.inputs for b in blocks][: max(1, cfg.calibration_samples // 4)]
+        else:
+            batches = [b.inputs for b in ctx.inputs.batches("calibration", 8, limit=cfg.calibration_samples)]
+        layers = self.covered_layers(model.module)
+        norms = input_norms(model.module, layers, batches)
+        match = N_M.match(cfg.pattern)
+        masks = {}
+        for name, w in weights.items():
+            if name not in norms:
+                raise PassError(f"criterion = 'wanda': {name} saw no input during calibration (a layer the "
+                                "forward pass does not reach); exclude it")
+            score = scores(w, norms[name], name in transposed)
+            if name in transposed:
+                score = score.t()  # [out, in] for the per-row / per-group choice
+            try:
+                mask = n_m_mask(score, int(match[1]), int(match[2])) if match else row_mask(score, cfg.sparsity)
+            except ValueError as exc:
+                raise PassError(f"{name}: {exc}; exclude that layer for pattern {cfg.pattern}") from None
+            masks[name] = mask.t() if name in transposed else mask
+        ctx.metrics["calibration_batches"] = len(batches)
+        return masks
 
     def _hand_on_gradual(self, model: TorchModel, weights: dict[str, Any], ctx: PassContext) -> TorchModel:
         from optitool_prune.gradual import GradualPruner

@@ -101,3 +101,42 @@ def test_nm_on_incompatible_width_is_a_clear_error(tmp_path):
                                       {"pattern": "structured", "sparsity": 0.25}])
 def test_contract(settings, tmp_path):
     check_pass_contract(MagnitudePrune, settings=settings, tmp_path=tmp_path)
+
+
+def test_wanda_keeps_small_weights_on_a_loud_input_channel_that_magnitude_prunes():
+    """|W| x ||x||: a weight of 0.1 on a channel whose inputs are 100x larger outweighs one of 1.0."""
+    from optitool_prune.wanda import input_norms, row_mask, scores
+
+    layer = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, 1.0, 0.9, 0.8]]))
+    x = torch.ones(8, 4)
+    x[:, 0] = 100.0
+    norms = input_norms(layer, {"weight": layer}, [{"x": x}])
+    wanda = row_mask(scores(layer.weight, norms["weight"], transposed=False), 0.5)
+    assert wanda.tolist() == [[True, True, False, False]]  # magnitude would drop the 0.1 first
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_wanda_on_a_causal_lm_reaches_its_sparsity_on_every_projection(
+        tmp_path, optitool_tiny_causal_lm, optitool_text_folder, pattern):
+    settings = 'sparsity = 0.5\n' if pattern == "unstructured" else ""
+    snippet = (f'[model]\nsource = "hf"\npath = "{optitool_tiny_causal_lm}"\nmax_length = 16\n'
+               f'[benchmark]\nsequence_lengths = [16]\n[data]\nsource = "folder"\npath = "{optitool_text_folder}"\n'
+               'label_field = ""\nsplits = { calibration = 0.3, eval = 0.3 }\n'
+               f'[[passes]]\npass = "magnitude_prune"\ncriterion = "wanda"\npattern = "{pattern}"\n{settings}')
+    base, pruned = (s["metrics"] for s in run_snippet(snippet, tmp_path).report["stages"])
+    assert pruned["criterion"] == "wanda" and pruned["calibration_batches"] >= 1
+    per_block = 4 if "gpt2" in optitool_tiny_causal_lm.name else 7  # GPT-2's Conv1D: c_attn, c_proj, c_fc, c_proj
+    assert set(pruned["sparsity_per_layer"].values()) == {0.5} and len(pruned["sparsity_per_layer"]) == 2 * per_block
+    assert pruned["perplexity"] > base["perplexity"]
+
+
+def test_wanda_without_a_calibration_split_is_refused_before_loading(tmp_path):
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    (tmp_path / "p.toml").write_text(MLP + '[[passes]]\npass = "magnitude_prune"\ncriterion = "wanda"\nsparsity = 0.5\n')
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
+    assert result.exit_code == 2 and "calibration" in result.output, result.output
