@@ -2,11 +2,11 @@
 onnxruntime fp32, onnxruntime's quantize_dynamic defaults and optimum's avx512_vnni per-channel dynamic
 int8, all timed in one process, interleaved call by call.
 
-Run: python benchmarks/minilm_int8_cpu.py [--rounds 20]. optitool's ONNX models come from
+Run: python -m benchmarks.minilm_int8_cpu [--rounds 20] [--reuse]. optitool's ONNX models come from
 examples/minilm_int8.toml; optimum is used when importable. optimum needs transformers<4.58, and the default
 install has transformers 5: there, first run `python -m benchmarks.minilm_int8_cpu --optimum-only` in an
-environment with `optitool[optimum]` (it quantizes the same plain export with optimum's recipe and stops),
-then this script in the default one, which measures that file beside the others.
+environment with `optitool[optimum]` (it quantizes the plain export an earlier run made with optimum's recipe
+and stops), then this script with --reuse in the default one, which measures that file beside the others.
 Writes benchmarks/results/minilm_int8_cpu.md.
 """
 
@@ -39,16 +39,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--optimum-only", action="store_true", help="make optimum's int8 model and stop")
+    parser.add_argument("--reuse", action="store_true", help="keep the models an earlier run made")
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
     plain = WORK / "optitool-fp32" / "01-onnx_export/model.onnx"
     if args.optimum_only:
         make_optimum(plain)
         return
-    ours = optitool_run("examples/minilm_int8.toml", WORK / "optitool-int8") / "02-int8_quantize/model.onnx"
-    # A plain export (no fusions) for the onnxruntime baselines, as a user without optitool would make it.
-    optitool_run("examples/minilm_int8.toml", WORK / "optitool-fp32", 'passes.0.optimize="none"',
-                 "passes.1.enabled=false", "budget.max_size_mb=1000")
+    ours = WORK / "optitool-int8" / "02-int8_quantize/model.onnx"
+    if not (args.reuse and ours.is_file() and plain.is_file()):
+        optitool_run("examples/minilm_int8.toml", WORK / "optitool-int8")
+        # A plain export (no fusions) for the onnxruntime baselines, as a user without optitool would make it.
+        optitool_run("examples/minilm_int8.toml", WORK / "optitool-fp32", 'passes.0.optimize="none"',
+                     "passes.1.enabled=false", "budget.max_size_mb=1000")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ort_default = WORK / "ort_quantize_dynamic.onnx"
