@@ -157,5 +157,10 @@ def open_decoder(path: Path, device: str = "cpu", threads: int = 0, options: Any
             options.intra_op_num_threads = threads
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), options, providers=providers)
+    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        from optitool.errors import RunError
+
+        raise RunError(f"decoding {path} on CUDA: onnxruntime here has no CUDAExecutionProvider (available: "
+                       f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu, or use the CPU")
     layout = kv_layout(session, path)
     return OnnxDecoder(session, layout, device) if layout is not None else None

@@ -271,3 +271,22 @@ def test_a_language_model_budget_on_a_model_that_is_not_one_is_refused_before_lo
     assert result.exit_code == 2, result.output
     assert "is measured for causal language models only, and [model] is a 'feature-extraction' model" in result.output
     assert budget.split(" = ")[0].split(" ")[0] in result.output
+
+
+def test_cuda_decoding_is_refused_with_a_reason_where_there_is_no_gpu(tmp_path, optitool_text_folder):
+    """The CUDA paths (IO binding on the GPU) are unmeasured until a GPU is lent; here they must refuse
+    clearly rather than fall back to the CPU and report its numbers as the GPU's."""
+    import onnxruntime as ort
+    import torch
+
+    from optitool.bench.runtimes import OnnxRuntime, TorchEager
+    from optitool.testing import tiny_causal_lm_dir
+
+    if torch.cuda.is_available() or "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    assert "install onnxruntime-gpu" in OnnxRuntime().unavailable("cuda")
+    assert "no CUDA GPU" in TorchEager().unavailable("cuda")
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="gpt2", train_steps=1)
+    result = run_snippet(lm_snippet(folder, optitool_text_folder, '[[passes]]\npass = "onnx_export"\n'), tmp_path)
+    with pytest.raises(RunError, match="no CUDAExecutionProvider"):
+        optitool.open_decoder(result.run_dir / "01-onnx_export" / "model.onnx", device="cuda")

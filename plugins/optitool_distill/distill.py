@@ -132,7 +132,15 @@ class Distill(Pass):
         student.module.to(device).train()
         masks = {k: v.to(device) for k, v in student.masks.items()}
         params = dict(student.module.named_parameters())
-        masks = {k: v for k, v in masks.items() if k in params and params[k].shape == v.shape}
+        # Masks are looked up under every name a tensor has: a tied LM head's mask is keyed "lm_head.weight",
+        # a name named_parameters() leaves out (it lists the embedding once), and was silently dropped
+        every = dict(student.module.named_parameters(remove_duplicate=False))
+        dropped = sorted(k for k, v in masks.items() if k not in every or every[k].shape != v.shape)
+        masks = {k: v for k, v in masks.items() if k not in dropped}
+        if dropped:
+            ctx.metrics["masks_dropped"] = dropped
+            ctx.logger.warning("pruning masks dropped: the student has no weight of that name and shape: %s",
+                               ", ".join(dropped))
         train_size = len(ctx.inputs.dataset.split("train"))
         steps_per_epoch = math.ceil(train_size / cfg.batch_size / cfg.gradient_accumulation)
         total = min(cfg.max_steps or 10**9, steps_per_epoch * cfg.epochs)
@@ -172,7 +180,7 @@ class Distill(Pass):
                     optimizer.zero_grad(set_to_none=True)
                     with torch.no_grad():
                         for name, mask in masks.items():
-                            params[name].mul_(mask)
+                            every[name].mul_(mask)
                     step += 1
                     if pruner is not None and pruner.due(step, total):
                         masks = _combine(masks, pruner.update(student.module, step, total))
@@ -192,7 +200,7 @@ class Distill(Pass):
         elif cfg.keep_best and best[1] is not None:
             student.module.load_state_dict(best[1])
         student.module.eval().cpu()
-        violations = sum(int((params[n].detach().cpu()[~m.cpu()] != 0).sum()) for n, m in masks.items())
+        violations = sum(int((every[n].detach().cpu()[~m.cpu()] != 0).sum()) for n, m in masks.items())
         ctx.metrics.update(distill_steps=step, distill_seconds=round(time.perf_counter() - start, 2),
                            distill_loss_first=round(losses[0], 5) if losses else None,
                            distill_loss_last=round(sum(losses[-10:]) / max(1, len(losses[-10:])), 5) if losses else None,

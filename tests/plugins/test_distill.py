@@ -128,3 +128,26 @@ def test_labels_the_head_cannot_take_are_a_config_error(tmp_path, optitool_tiny_
     with pytest.raises(ConfigError, match="the data has 3 labels .* head has 2 outputs"):
         run_snippet(snippet, tmp_path)
     assert not (tmp_path / "run").exists()  # a configuration error writes nothing
+
+
+def test_a_tied_lm_head_keeps_its_pruning_mask_through_distillation(tmp_path, optitool_text_folder):
+    """The head's mask is keyed lm_head.weight, a name named_parameters() leaves out for a tied weight: it was
+    silently dropped (sparsity 0.197 -> 0) while the report said mask_violations: 0."""
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=20)
+    snippet = (f'seed = 1\n[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n'
+               f'[benchmark]\nsequence_lengths = [16]\n[data]\nsource = "folder"\npath = "{optitool_text_folder}"\n'
+               'label_field = ""\nsplits = { train = 0.6, eval = 0.4 }\n'
+               '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\ninclude = ["lm_head"]\nexclude = []\n'
+               '[[passes]]\npass = "distill"\nteacher = "baseline"\nepochs = 2\nlr = 0.01\nwarmup_ratio = 0.0\n'
+               'keep_best = false\nbatch_size = 8\n')
+    result = run_snippet(snippet, tmp_path)
+    pruned, distilled = (s["metrics"] for s in result.report["stages"][1:])
+    assert pruned["covered_sparsity"] == 0.5 and "masks_dropped" not in distilled
+    assert distilled["mask_violations"] == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(result.run_dir / "02-distill" / "model.safetensors"))
+    table = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
+    assert float((table == 0).float().mean()) == pytest.approx(0.5, abs=0.01)  # the tied table kept its zeros
