@@ -88,7 +88,7 @@ class OnnxExport(Pass):
             output_name = main_output(call_module(module, sample))[0]
         exporter = self._exporter(with_cache=False)
         ctx.metrics["exporter"] = exporter
-        if cfg.optimize == "transformer":
+        if cfg.optimize == "transformer" and exporter == "torchscript":
             _eager_attention(module)  # onnxruntime's fusions match the eager attention's pattern, not SDPA's
         if exporter == "optimum":
             self._export_optimum(model, ctx, path)
