@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from optitool import (
+    Batch,
     Pass,
     PassConfig,
     PassContext,
@@ -21,8 +22,10 @@ from optitool import (
     TorchModel,
     call_module,
     inputs_for,
+    is_causal_lm,
     main_output,
     pooled,
+    token_blocks,
 )
 
 
@@ -141,8 +144,9 @@ class Distill(Pass):
             ctx.metrics["masks_dropped"] = dropped
             ctx.logger.warning("pruning masks dropped: the student has no weight of that name and shape: %s",
                                ", ".join(dropped))
-        train_size = len(ctx.inputs.dataset.split("train"))
-        steps_per_epoch = math.ceil(train_size / cfg.batch_size / cfg.gradient_accumulation)
+        causal = is_causal_lm(student)
+        train_batches = self._train_batches(ctx, causal)
+        steps_per_epoch = math.ceil(len(train_batches) / cfg.gradient_accumulation)
         total = min(cfg.max_steps or 10**9, steps_per_epoch * cfg.epochs)
         decay = [p for n, p in params.items() if p.dim() > 1]
         no_decay = [p for n, p in params.items() if p.dim() <= 1]
@@ -158,17 +162,17 @@ class Distill(Pass):
         torch.manual_seed(ctx.seed)
         step, losses, history, best = 0, [], [], (-math.inf, None, 0)
         if cfg.keep_best and pruner is None:  # training must beat the student it started from to replace it
-            score, metric = self._evaluate(teacher.module, student.module, ctx)
-            history.append({"epoch": 0, "step": 0, metric: round(score, 6)})
+            score, metric, shown = self._evaluate(teacher.module, student.module, ctx)
+            history.append({"epoch": 0, "step": 0, metric: round(shown, 6)})
             best = (score, {k: v.detach().clone() for k, v in student.module.state_dict().items()}, 0)
         start = time.perf_counter()
         with ctx.progress(total, "distill") as bar:
             for epoch in range(cfg.epochs):
                 if step >= total:
                     break
-                for i, batch in enumerate(ctx.batches("train", cfg.batch_size)):
+                for i, batch in enumerate(train_batches):
                     inputs = inputs_for(student.module, batch.inputs, device)
-                    labels = batch.labels.to(device) if batch.labels is not None else None
+                    labels = batch.labels.to(device) if batch.labels is not None and not causal else None
                     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                         loss = self._loss(teacher.module, student.module, inputs, labels)
                     (loss / cfg.gradient_accumulation).backward()
@@ -188,9 +192,9 @@ class Distill(Pass):
                     bar.update(1, loss=losses[-1], epoch=epoch + 1)
                     if step >= total:
                         break
-                score, metric = self._evaluate(teacher.module, student.module, ctx)
-                history.append({"epoch": epoch + 1, "step": step, metric: round(score, 6)})
-                ctx.logger.info("distill epoch %d: %s = %.4f", epoch + 1, metric, score)
+                score, metric, shown = self._evaluate(teacher.module, student.module, ctx)
+                history.append({"epoch": epoch + 1, "step": step, metric: round(shown, 6)})
+                ctx.logger.info("distill epoch %d: %s = %.4f", epoch + 1, metric, shown)
                 if score > best[0]:
                     state = {k: v.detach().clone() for k, v in student.module.state_dict().items()} if cfg.keep_best else None
                     best = (score, state, epoch + 1)
@@ -239,7 +243,16 @@ class Distill(Pass):
                 t_raw = call_module(teacher, {**inputs, **extra}) if hidden else call_module(teacher, inputs)
             _, t_out = main_output(t_raw)
         is_logits = s_name == "logits" or (s_out.dim() == 2 and labels is not None)
-        if cfg.alpha > 0:
+        if cfg.alpha > 0 and is_logits and s_out.dim() == 3 and cfg.output_loss in ("auto", "kl"):
+            # a language model: next-token KL at every real (unpadded) position, averaged over positions
+            t = cfg.temperature
+            real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones(
+                s_out.shape[:2], dtype=torch.bool, device=s_out.device)
+            log_q = F.log_softmax(s_out.float()[real] / t, -1)
+            log_p = F.log_softmax(t_out.float()[real] / t, -1)
+            kd = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
+            loss = loss + cfg.alpha * kd
+        elif cfg.alpha > 0:
             kind = cfg.output_loss if cfg.output_loss != "auto" else ("kl" if is_logits else "cosine")
             mask = inputs.get("attention_mask")
             s_vec, t_vec = (s_out, t_out.float()) if is_logits else (pooled(s_out, mask), pooled(t_out, mask))
@@ -254,6 +267,12 @@ class Distill(Pass):
             loss = loss + cfg.alpha * kd
         if labels is not None and is_logits and cfg.alpha < 1:
             loss = loss + (1 - cfg.alpha) * F.cross_entropy(s_out.float(), labels)
+        elif is_logits and s_out.dim() == 3 and cfg.alpha < 1 and "input_ids" in inputs:
+            # a language model's own labels are its next tokens (real positions only)
+            target = inputs["input_ids"][:, 1:].masked_fill(~inputs["attention_mask"][:, 1:].bool(), -100) \
+                if "attention_mask" in inputs else inputs["input_ids"][:, 1:]
+            loss = loss + (1 - cfg.alpha) * F.cross_entropy(s_out[:, :-1].float().flatten(0, 1), target.flatten(),
+                                                            ignore_index=-100)
         elif cfg.alpha == 0:
             raise PassError("alpha = 0 trains on labels only, but the data has no labels or the model no logits")
         if hidden:
@@ -270,7 +289,48 @@ class Distill(Pass):
         final accuracy, so the choice is then mildly optimistic), and on train as a last resort."""
         return next(s for s in ("validation", "eval", "train") if s == "train" or ctx.inputs.has_split(s))
 
-    def _evaluate(self, teacher: Any, student: Any, ctx: PassContext) -> tuple[float, str]:
+    def _train_batches(self, ctx: PassContext, causal: bool) -> list[Any]:
+        """The train split in batches; for a causal LM, unpadded token blocks of it (seeded), the way it is
+        evaluated, `batch_size` blocks a batch."""
+        cfg: DistillConfig = self.config
+        if not causal:
+            return list(ctx.batches("train", cfg.batch_size))
+        import torch
+
+        rows = [b.inputs["input_ids"] for b in token_blocks(ctx.inputs, "train", ctx.inputs.max_length,
+                                                            seed=ctx.seed)]
+        ids = torch.cat(rows)
+        ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(ctx.seed))]
+        chunks = [ids[i:i + cfg.batch_size] for i in range(0, len(ids), cfg.batch_size)]
+        return [Batch({"input_ids": c, "attention_mask": torch.ones_like(c)}) for c in chunks]
+
+    def _evaluate(self, teacher: Any, student: Any, ctx: PassContext) -> tuple[float, str, float]:
+        """(score, metric, value shown): a causal LM's perplexity on token blocks of the selection split (lower
+        is better: the score is its negative), else accuracy with labels and logits, else cosine to the teacher."""
+        if is_causal_lm(TorchModel(student)):
+            return self._perplexity(student, ctx)
+        score, metric = self._accuracy_or_fidelity(teacher, student, ctx)
+        return score, metric, score
+
+    def _perplexity(self, student: Any, ctx: PassContext) -> tuple[float, str, float]:
+        import torch
+        import torch.nn.functional as F
+
+        split = self._selection_split(ctx)
+        nll, count = 0.0, 0
+        student.eval()
+        with torch.inference_mode():
+            for batch in token_blocks(ctx.inputs, split, ctx.inputs.max_length, seed=ctx.seed)[:16]:
+                ids = batch.inputs["input_ids"].to(ctx.device)
+                logits = call_module(student, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits
+                nll += float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
+                                             reduction="sum"))
+                count += ids[:, 1:].numel()
+        student.train()
+        perplexity = math.exp(nll / max(count, 1))
+        return -perplexity, f"{split}_perplexity", perplexity
+
+    def _accuracy_or_fidelity(self, teacher: Any, student: Any, ctx: PassContext) -> tuple[float, str]:
         """Accuracy on the selection split when there are labels and logits, else cosine to the teacher."""
         import torch
 

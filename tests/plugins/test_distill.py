@@ -151,3 +151,38 @@ def test_a_tied_lm_head_keeps_its_pruning_mask_through_distillation(tmp_path, op
     weights = load_file(str(result.run_dir / "02-distill" / "model.safetensors"))
     table = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
     assert float((table == 0).float().mean()) == pytest.approx(0.5, abs=0.01)  # the tied table kept its zeros
+
+
+def test_a_causal_lm_is_distilled_per_token_on_its_text_and_judged_by_validation_perplexity(
+        tmp_path, optitool_text_folder):
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="gpt2")
+    snippet = (f'seed = 1\n[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n'
+               f'[benchmark]\nsequence_lengths = [16]\n[data]\nsource = "folder"\npath = "{optitool_text_folder}"\n'
+               'label_field = ""\nsplits = { train = 0.5, validation = 0.2, eval = 0.3 }\n'
+               '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.6\n'
+               '[[passes]]\npass = "distill"\nteacher = "baseline"\nepochs = 3\nlr = 0.005\nwarmup_ratio = 0.0\n'
+               'batch_size = 8\n')
+    base, pruned, distilled = (s["metrics"] for s in run_snippet(snippet, tmp_path).report["stages"])
+    assert "validation_perplexity" in distilled["distill_history"][0]
+    assert distilled["perplexity"] < pruned["perplexity"] and distilled["mask_violations"] == 0
+
+
+def test_the_language_model_loss_ignores_padded_positions(tmp_path):
+    """Per token over real positions: what the model says at padding cannot move the loss (the old loss
+    summed the whole [batch, length, vocab] and divided by the batch)."""
+    import torch
+    import transformers
+
+    from optitool.testing import tiny_causal_lm_dir
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir(tmp_path / "lm", train_steps=5))
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir(tmp_path / "t", train_steps=20))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    distill = Distill()
+    loss = distill._loss(teacher, model, {"input_ids": ids, "attention_mask": mask}, None)
+    other = ids.clone()
+    other[1, 4:] = torch.tensor([20, 21])  # different tokens at the padded positions only
+    assert torch.allclose(loss, distill._loss(teacher, model, {"input_ids": other, "attention_mask": mask}, None))
