@@ -31,15 +31,13 @@ class BlockQuantized(NamedTuple):
 
 
 def quantize_on_source_grid(weight: Any, bits: int, block_size: int) -> BlockQuantized:
-    """Quantize a MatMul weight [K, N] in blocks of `block_size` along K (zero-padded to whole blocks)."""
+    """Quantize a MatMul weight [K, N] in blocks of `block_size` along K (K a multiple of the block: zero
+    padding would put values on no block's grid; the caller leaves other weights in float)."""
     import numpy as np
 
     levels = 2**bits
     k, n = weight.shape
-    padded = -(-k // block_size) * block_size
-    columns = np.zeros((n, padded), np.float32)
-    columns[:, :k] = weight.T
-    blocks = columns.reshape(n, padded // block_size, block_size)
+    blocks = np.ascontiguousarray(weight.T, np.float32).reshape(n, k // block_size, block_size)
     low, high = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
     ordered = np.sort(blocks, -1)
     gaps = np.diff(ordered, axis=-1)
@@ -76,7 +74,7 @@ def quantize_on_source_grid(weight: Any, bits: int, block_size: int) -> BlockQua
         exact[rows] |= on
     q = np.clip(np.rint((blocks - low) / step), 0, levels - 1).astype(np.uint8)
     per_byte = 8 // bits
-    q = q.reshape(n, padded // block_size, block_size // per_byte, per_byte)
+    q = q.reshape(n, k // block_size, block_size // per_byte, per_byte)
     packed = np.zeros(q.shape[:-1], np.uint8)
     for j in range(per_byte):  # element j of each group in the j-th `bits` of the byte (low bits first)
         packed |= q[..., j] << (bits * j)
