@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from optitool.architectures import Architecture, Layout, keep_blocks
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.bench.runtimes import Runtime
 from optitool.data.inputs import Batch, InputSource
@@ -43,6 +44,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "API_VERSION",
+    "Architecture",
     "Batch",
     "ConfigError",
     "Evaluation",
@@ -50,6 +52,7 @@ __all__ = [
     "InputSource",
     "InputSpec",
     "KV_HEAD_DIM_METADATA",
+    "Layout",
     "Loader",
     "ModelArtifact",
     "ModelSpec",
@@ -71,6 +74,7 @@ __all__ = [
     "hookimpl",
     "inputs_for",
     "is_causal_lm",
+    "keep_blocks",
     "main_output",
     "open_decoder",
     "parameter_counts",

@@ -1,4 +1,4 @@
-"""The core's own plugin: model loaders, benchmark runtimes and metrics, registered through the same hooks
+"""The core's own plugin: model loaders, benchmark runtimes, metrics and model families, registered through the same hooks
 third-party plugins use. It knows no particular pass."""
 
 from __future__ import annotations
@@ -36,3 +36,11 @@ def optitool_register_metrics(registry: PluginRegistry) -> None:
 
     for name, fn in BUILTIN_METRICS.items():
         registry.add_metric(name, fn)
+
+
+@hookimpl
+def optitool_register_architectures(registry: PluginRegistry) -> None:
+    from optitool.architectures import BUILTIN_ARCHITECTURES
+
+    for architecture in BUILTIN_ARCHITECTURES:
+        registry.add_architecture(architecture)

@@ -40,6 +40,12 @@ def optitool_register_metrics(registry: PluginRegistry) -> None:
 
 
 @hookspec
+def optitool_register_architectures(registry: PluginRegistry) -> None:
+    """Describe a model family's layers by role with `registry.add_architecture(optitool.Architecture(...))`,
+    so pruning and distillation work on it; see `optitool.Architecture`."""
+
+
+@hookspec
 def optitool_pipeline_start(spec: PipelineSpec, run_dir: Path) -> None:
     """Called once the pipeline is validated and the run folder exists, before the model is loaded."""
 

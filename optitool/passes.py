@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from optitool.errors import PassError
 
 if TYPE_CHECKING:
+    from optitool.architectures import Architecture, Layout
     from optitool.artifacts import ModelArtifact
     from optitool.data.inputs import Batch, InputSource
 
@@ -38,6 +39,7 @@ class Pass:
 
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]] = PassConfig
+    compresses: ClassVar[bool] = False  # prunes, quantizes or shrinks: what a later distillation recovers from
     takes: ClassVar[str | tuple[str, ...]] = "torch"
     gives: ClassVar[str] = "same"
 
@@ -130,6 +132,16 @@ class PassContext:
     load_model: Callable[[dict[str, Any]], ModelArtifact] | None = None
     pass_name: str = ""
     console: Any = None  # the run's terminal (rich), for progress bars; None when quiet
+    architectures: tuple[Architecture, ...] | None = None  # the registered families; None: the built-in ones
+    before_compression: ModelArtifact | None = None  # the model entering the chain's first compressing pass
+
+    def architecture(self, module: Any) -> Layout:
+        """Where `module` keeps its blocks, attention and MLP projections, embeddings and head, among the
+        families registered in this run; PassError naming what is missing when it is none of them."""
+        from optitool.architectures import BUILTIN_ARCHITECTURES, find_architecture
+
+        return find_architecture(module, self.architectures if self.architectures is not None
+                                 else BUILTIN_ARCHITECTURES)
 
     def flag(self, message: str) -> None:
         """Something a reader of the report must see about this stage (shown with the stage's flags)."""

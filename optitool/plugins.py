@@ -28,7 +28,7 @@ AUTOLOAD_ENV = "OPTITOOL_DISABLE_PLUGIN_AUTOLOAD"
 BLOCK_ENV = "OPTITOOL_BLOCK_PLUGINS"
 CORE_PLUGIN = "optitool.builtin"
 REGISTRATION_HOOKS = ("optitool_register_passes", "optitool_register_loaders",
-                      "optitool_register_runtimes", "optitool_register_metrics")
+                      "optitool_register_runtimes", "optitool_register_metrics", "optitool_register_architectures")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from optitool.errors import PluginError
 from optitool.passes import KINDS, Pass, PassConfig
 
 if TYPE_CHECKING:
+    from optitool.architectures import Architecture
     from optitool.bench.runtimes import Runtime
     from optitool.metrics import Evaluation
     from optitool.models.base import Loader
@@ -31,6 +32,7 @@ class Registry:
     loaders: dict[str, Registered] = field(default_factory=dict)
     runtimes: dict[str, Registered] = field(default_factory=dict)
     metrics: dict[str, Registered] = field(default_factory=dict)
+    architectures: dict[str, Registered] = field(default_factory=dict)
 
     def loader_view(self) -> LoaderView:
         return LoaderView(self)
@@ -42,7 +44,8 @@ class Registry:
         return self.passes[name].obj
 
     def _tables(self) -> dict[str, dict[str, Registered]]:
-        return {"passes": self.passes, "loaders": self.loaders, "runtimes": self.runtimes, "metrics": self.metrics}
+        return {"passes": self.passes, "loaders": self.loaders, "runtimes": self.runtimes, "metrics": self.metrics,
+                "architectures": self.architectures}
 
     def registered_by(self, plugin: str) -> dict[str, list[str]]:
         return {what: sorted(n for n, r in items.items() if r.plugin == plugin) for what, items in self._tables().items()}
@@ -119,3 +122,7 @@ class PluginRegistry:
 
     def add_metric(self, name: str, fn: Callable[[Evaluation], float | None]) -> None:
         self._put(self._registry.metrics, "metric", name, fn)
+
+    def add_architecture(self, architecture: Architecture) -> None:
+        """A model family's layout by role (`optitool.Architecture`), for the passes that find layers by role."""
+        self._put(self._registry.architectures, "architecture", architecture.family, architecture)

@@ -292,7 +292,9 @@ class Runner:
                               inputs=inputs, logger=logging.getLogger(f"optitool.pass.{pass_spec.pass_name}"),
                               quiet=self.quiet, state=self._state, stages={s.name: s.artifact for s in self.stages},
                               load_model=self._load_named, pass_name=pass_spec.pass_name,
-                              console=None if self.quiet else self.console.console)
+                              console=None if self.quiet else self.console.console,
+                              architectures=tuple(r.obj for r in self.registry.architectures.values()),
+                              before_compression=self._before_compression())
             start = time.perf_counter()
             try:
                 with PeakMemory(device) as memory:
@@ -324,6 +326,14 @@ class Runner:
         self._add_stage(Stage(pass_spec.stage_name, result, record, folder))
         self.plugins.notify("optitool_pass_finished", stage=record, run_dir=self.run_dir)
         return result
+
+    def _before_compression(self) -> ModelArtifact | None:
+        """The stage that entered the first pass of the chain so far whose class `compresses`."""
+        for earlier, stage in zip(self.stages, self.stages[1:], strict=False):
+            name = stage.record.get("pass")
+            if name in self.registry.passes and self.registry.pass_class(name).compresses:
+                return earlier.artifact
+        return None
 
     def _load_named(self, table: dict[str, Any]) -> ModelArtifact:
         """Load a model a pass's settings name (a student, a teacher) with the pipeline's loaders."""

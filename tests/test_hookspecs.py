@@ -84,6 +84,48 @@ def test_hook_optitool_register_metrics(tmp_path):
     assert base != negated
 
 
+def toy_transformer():
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = torch.nn.Module()
+            for name in ("q", "k", "v", "o"):
+                setattr(self.mix, name, torch.nn.Linear(8, 8))
+            self.ff = torch.nn.Module()
+            self.ff.up, self.ff.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            x = x + self.mix.o(self.mix.v(x))
+            return x + self.ff.down(torch.relu(self.ff.up(x)))
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.ModuleList([Block(), Block()])
+            self.out = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            for block in self.body:
+                x = block(x)
+            return self.out(x)
+
+    torch.manual_seed(0)
+    return Toy()
+
+
+def test_hook_optitool_register_architectures(tmp_path):
+    toy = optitool.Architecture(family="acme.toy", model_types=(), blocks="body", attention="mix",
+                                attention_in=("mix.q", "mix.k", "mix.v"), attention_out="mix.o",
+                                mlp_in=("ff.up",), mlp_out="ff.down")
+    acme = plugin("acme", optitool_register_architectures=lambda registry: registry.add_architecture(toy))
+    snippet = ('[model]\nsource = "python"\nfactory = "tests.test_hookspecs:toy_transformer"\n[model.inputs]\n'
+               'x = ["batch", 8]\n[[passes]]\npass = "magnitude_prune"\npattern = "structured"\nsparsity = 0.5\n')
+    metrics = run_snippet(snippet, tmp_path, plugins=(acme,)).report["stages"][1]["metrics"]
+    assert metrics["family"] == "acme.toy" and metrics["mlp_channels_kept"] == [8, 8]
+
+
 def test_hook_optitool_pipeline_start(tmp_path):
     seen = []
     acme = plugin("acme", optitool_pipeline_start=lambda spec, run_dir: seen.append(

@@ -131,6 +131,11 @@ def check_fits(module: Any, state: dict[str, Any], what: str) -> None:
 RESIZABLE = ("Linear", "Conv1d", "Conv2d", "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Embedding")
 
 
+def _is_hf_conv1d(sub: Any) -> bool:
+    """transformers' Conv1D (GPT-2 family): a Linear whose weight is stored [in, out]."""
+    return type(sub).__name__ == "Conv1D" and hasattr(sub, "nf")
+
+
 def describe_structure(module: Any) -> dict[str, Any]:
     """What a pass may have changed in a model's architecture: the length of each layer list and the weight
     shape of each resizable layer. Saved with a stage so reloading rebuilds exactly that architecture."""
@@ -139,8 +144,19 @@ def describe_structure(module: Any) -> dict[str, Any]:
     lists = {name: len(sub) for name, sub in module.named_modules() if isinstance(sub, torch.nn.ModuleList)}
     resizable = tuple(getattr(torch.nn, kind) for kind in RESIZABLE)
     shapes = {name: list(sub.weight.shape) for name, sub in module.named_modules()
-              if isinstance(sub, resizable) and isinstance(getattr(sub, "weight", None), torch.Tensor)}
-    return {"layer_lists": lists, "weights": shapes}
+              if (isinstance(sub, resizable) or _is_hf_conv1d(sub))
+              and isinstance(getattr(sub, "weight", None), torch.Tensor)}
+    return {"layer_lists": lists, "weights": shapes, "config": _sizes_in_config(module)}
+
+
+def _sizes_in_config(module: Any) -> dict[str, Any]:
+    """The integer and list fields of a Hugging Face config (layer counts, widths, head counts, per-layer
+    lists): what a structural pass changes so that the config keeps describing the model."""
+    config = getattr(module, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    return {k: v for k, v in config.to_dict().items() if not k.startswith("_")
+            and ((isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, list) and k != "architectures"))}
 
 
 def apply_structure(module: Any, structure: dict[str, Any]) -> None:
@@ -149,6 +165,10 @@ def apply_structure(module: Any, structure: dict[str, Any]) -> None:
     (structured pruning)."""
     import torch
 
+    config = getattr(module, "config", None)
+    for key, value in structure.get("config", {}).items():
+        if config is not None and getattr(config, key, None) != value:
+            setattr(config, key, value)
     for name, length in structure.get("layer_lists", {}).items():
         sub = module.get_submodule(name)
         if isinstance(sub, torch.nn.ModuleList) and length < len(sub):
@@ -167,6 +187,8 @@ def _resized(sub: Any, shape: list[int]) -> Any:
 
     bias = getattr(sub, "bias", None) is not None
     kind = type(sub).__name__
+    if _is_hf_conv1d(sub):
+        return type(sub)(shape[1], shape[0])  # Conv1D(nf = outputs, nx = inputs), weight [inputs, outputs]
     if kind == "Linear":
         return torch.nn.Linear(shape[1], shape[0], bias=bias)
     if kind in ("Conv1d", "Conv2d"):

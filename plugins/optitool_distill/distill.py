@@ -23,6 +23,7 @@ from optitool import (
     call_module,
     inputs_for,
     is_causal_lm,
+    keep_blocks,
     main_output,
     pooled,
     token_blocks,
@@ -30,10 +31,13 @@ from optitool import (
 
 
 class DistillConfig(PassConfig):
-    teacher: str = Field("previous", description="'previous' (the model entering the pass) or a stage name")
+    teacher: str = Field("auto", description="'auto': the model before the first compression pass of the chain "
+                         "(pruning, quantization) when one ran before this pass, else the model entering it; "
+                         "'previous' (the model entering the pass) or a stage name")
     student: Literal["same", "layers", "model"] = Field(
         "same", description="same model (keeps pruning masks), a shallower copy (layers = N), or [student_model]")
-    layers: int | None = Field(None, ge=1, description="with student = 'layers': encoder layers kept")
+    layers: int | None = Field(None, ge=1, description="with student = 'layers': blocks kept (evenly spaced "
+                               "teacher blocks, first and last included)")
     student_model: dict[str, Any] | None = Field(None, description="with student = 'model': a [model]-style table")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
@@ -53,24 +57,16 @@ class DistillConfig(PassConfig):
     keep_best: bool = Field(True, description="keep the best of the starting student and each epoch (eval score)")
 
 
-def _shallow_copy(teacher: TorchModel, layers: int) -> tuple[Any, list[int]]:
-    """A student with `layers` encoder layers, initialised from evenly spaced teacher layers."""
-    import torch
-
+def _shallow_copy(teacher: TorchModel, layers: int, ctx: PassContext) -> tuple[Any, list[int]]:
+    """A student with `layers` blocks, initialised from evenly spaced teacher blocks (first and last kept),
+    for any family whose layout the architecture registry knows."""
     student = copy.deepcopy(teacher.module)
-    lists = [(n, m) for n, m in student.named_modules() if isinstance(m, torch.nn.ModuleList) and n.endswith("layer")]
-    if not lists:
-        raise PassError("student = 'layers' needs a transformer with an encoder layer list (BERT-like)")
-    name, layer_list = max(lists, key=lambda item: len(item[1]))
-    total = len(layer_list)
+    layout = ctx.architecture(student)
+    total = len(layout.blocks)
     if layers >= total:
-        raise PassError(f"layers = {layers}, but the teacher has only {total} encoder layers")
+        raise PassError(f"layers = {layers}, but the teacher has only {total} blocks")
     keep = sorted({round(i * (total - 1) / (layers - 1)) for i in range(layers)}) if layers > 1 else [total - 1]
-    parent = student.get_submodule(name.rpartition(".")[0]) if "." in name else student
-    setattr(parent, name.rpartition(".")[2], torch.nn.ModuleList([layer_list[i] for i in keep]))
-    config = getattr(student, "config", None)
-    if config is not None and hasattr(config, "num_hidden_layers"):
-        config.num_hidden_layers = len(keep)
+    keep_blocks(layout, keep)
     return student, keep
 
 
@@ -101,7 +97,7 @@ class Distill(Pass):
         if cfg.student == "layers":
             if not cfg.layers:
                 raise PassError("student = 'layers' needs layers = N")
-            module, kept = _shallow_copy(model, cfg.layers)
+            module, kept = _shallow_copy(model, cfg.layers, ctx)
             ctx.metrics["student_layers_from_teacher"] = kept
             return TorchModel(module, origin=model.origin, tokenizer=model.tokenizer, input_names=model.input_names,
                               overrides=copy.deepcopy(model.overrides))
@@ -113,7 +109,16 @@ class Distill(Pass):
         return loaded
 
     def _teacher(self, model: TorchModel, ctx: PassContext) -> TorchModel:
+        """Distilling a pruned model from itself teaches nothing: by default the teacher is the model as it
+        was before the chain's first compression pass."""
         name = self.config.teacher
+        if name == "auto":
+            before = ctx.before_compression
+            if isinstance(before, TorchModel):
+                ctx.metrics["teacher"] = next((n for n, a in ctx.stages.items() if a is before), "before compression")
+                return before
+            ctx.metrics["teacher"] = next(reversed(ctx.stages), "previous")
+            return model
         if name == "previous":
             return model
         if name not in ctx.stages:
@@ -160,7 +165,7 @@ class Distill(Pass):
         if pruner is not None:
             masks = _combine(masks, pruner.update(student.module, 0, total))
         torch.manual_seed(ctx.seed)
-        step, losses, history, best = 0, [], [], (-math.inf, None, 0)
+        step, losses, history, best, tokens = 0, [], [], (-math.inf, None, 0), 0
         if cfg.keep_best and pruner is None:  # training must beat the student it started from to replace it
             score, metric, shown = self._evaluate(teacher.module, student.module, ctx)
             history.append({"epoch": 0, "step": 0, metric: round(shown, 6)})
@@ -172,6 +177,8 @@ class Distill(Pass):
                     break
                 for i, batch in enumerate(train_batches):
                     inputs = inputs_for(student.module, batch.inputs, device)
+                    if "attention_mask" in inputs:
+                        tokens += int(inputs["attention_mask"].sum())
                     labels = batch.labels.to(device) if batch.labels is not None and not causal else None
                     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                         loss = self._loss(teacher.module, student.module, inputs, labels)
@@ -189,7 +196,8 @@ class Distill(Pass):
                     if pruner is not None and pruner.due(step, total):
                         masks = _combine(masks, pruner.update(student.module, step, total))
                     losses.append(float(loss.detach()))
-                    bar.update(1, loss=losses[-1], epoch=epoch + 1)
+                    rate = tokens / max(time.perf_counter() - start, 1e-9)
+                    bar.update(1, loss=losses[-1], epoch=epoch + 1, **({"tokens_per_s": rate} if tokens else {}))
                     if step >= total:
                         break
                 score, metric, shown = self._evaluate(teacher.module, student.module, ctx)
@@ -205,7 +213,10 @@ class Distill(Pass):
             student.module.load_state_dict(best[1])
         student.module.eval().cpu()
         violations = sum(int((every[n].detach().cpu()[~m.cpu()] != 0).sum()) for n, m in masks.items())
-        ctx.metrics.update(distill_steps=step, distill_seconds=round(time.perf_counter() - start, 2),
+        seconds = time.perf_counter() - start
+        if tokens:
+            ctx.metrics["distill_tokens_per_s"] = round(tokens / max(seconds, 1e-9), 1)
+        ctx.metrics.update(distill_steps=step, distill_seconds=round(seconds, 2),
                            distill_loss_first=round(losses[0], 5) if losses else None,
                            distill_loss_last=round(sum(losses[-10:]) / max(1, len(losses[-10:])), 5) if losses else None,
                            distill_history=history, distill_best_epoch=best[2], mask_violations=violations,

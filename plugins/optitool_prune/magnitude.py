@@ -9,27 +9,26 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from optitool import Pass, PassConfig, PassContext, PassError, TorchModel
+from optitool_prune.structured import is_hf_conv1d
 
 DEFAULT_EXCLUDE = ["*classifier*", "*lm_head*", "*pooler*", "*score*"]
 N_M = re.compile(r"^(\d+):(\d+)$")
-
-
-def is_hf_conv1d(module: Any) -> bool:
-    """transformers' Conv1D (GPT-2 family): a Linear whose weight is stored [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
 class PruneConfig(PassConfig):
     sparsity: float | None = Field(None, gt=0, lt=1, description="fraction of covered weights (or units) removed")
     pattern: str = Field("unstructured", description="unstructured, N:M (e.g. 2:4, N kept of every M) or structured")
     scope: Literal["global", "layer"] = Field("global", description="one threshold for all layers, or per layer")
-    target: Literal["ffn", "heads", "ffn+heads"] = Field(
-        "ffn", description="structured pruning of transformers: FFN units, attention heads, or both")
+    target: Literal["ffn", "heads", "ffn+heads", "layers"] = Field(
+        "ffn", description="structured pruning of transformers: MLP (FFN) channels, attention heads (key/value "
+        "groups with their query heads), both, or whole blocks (sparsity = the fraction of blocks removed, the "
+        "least important by calibration data)")
     include: list[str] = Field(default_factory=lambda: ["*"], description="module name patterns covered")
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE), description="module name patterns left")
     criterion: Literal["magnitude", "wanda"] = Field(
         "magnitude", description="what is pruned: the smallest |weight|, or the smallest |weight| x input norm "
-        "within each output row (Wanda; needs a calibration split, unstructured or N:M)")
+        "within each output row (Wanda; needs a calibration split); structured: channels and heads by weight "
+        "norms, or by activation norm x weight norm with wanda")
     calibration_samples: int = Field(64, ge=1, description="with criterion = wanda: calibration examples (or "
                                      "token blocks of a causal LM) that give the input norms")
     schedule: Literal["oneshot", "cubic"] = Field(
@@ -52,8 +51,8 @@ class PruneConfig(PassConfig):
             raise ValueError(f"sparsity is required with pattern = {self.pattern!r}")
         if self.schedule == "cubic" and self.pattern != "unstructured":
             raise ValueError("schedule = 'cubic' works with pattern = 'unstructured'")
-        if self.criterion == "wanda" and (self.pattern == "structured" or self.schedule != "oneshot"):
-            raise ValueError("criterion = 'wanda' works with pattern = 'unstructured' or 'N:M', schedule = 'oneshot'")
+        if self.criterion == "wanda" and self.schedule != "oneshot":
+            raise ValueError("criterion = 'wanda' works with schedule = 'oneshot'")
         match = N_M.match(self.pattern)
         if match and self.sparsity is not None and abs(self.sparsity - (1 - int(match[1]) / int(match[2]))) > 1e-9:
             raise ValueError(f"pattern {self.pattern} means sparsity {1 - int(match[1]) / int(match[2])}; "
@@ -65,12 +64,15 @@ class MagnitudePrune(Pass):
     """Prune the smallest-magnitude weights: unstructured, N:M (2:4) or structured (removes units and heads)."""
 
     name = "magnitude_prune"
+    compresses = True
     Config = PruneConfig
     takes = "torch"
     gives = "torch"
 
     def data_needs(self) -> dict[str, str]:
-        return {"calibration": "inputs"} if self.config.criterion == "wanda" else {}
+        cfg: PruneConfig = self.config
+        by_data = cfg.criterion == "wanda" or (cfg.pattern == "structured" and cfg.target == "layers")
+        return {"calibration": "inputs"} if by_data else {}
 
     def covered_layers(self, module: Any) -> dict[str, Any]:
         """Weight name -> layer, for covered(): the layers whose inputs Wanda measures."""
@@ -142,18 +144,11 @@ class MagnitudePrune(Pass):
     def _wanda(self, model: TorchModel, weights: dict[str, Any], transposed: set[str],
                ctx: PassContext) -> dict[str, Any]:
         """Masks from |W| x input norm, per output row (unstructured) or per group of M inputs (N:M)."""
-        from optitool import is_causal_lm, token_blocks
         from optitool_prune.masks import n_m_mask
         from optitool_prune.wanda import input_norms, row_mask, scores
 
         cfg: PruneConfig = self.config
-        if ctx.inputs is None or not ctx.inputs.has_split("calibration"):
-            raise PassError("criterion = 'wanda' needs a calibration split: add one to [data] splits")
-        if is_causal_lm(model):
-            blocks = token_blocks(ctx.inputs, "calibration", ctx.inputs.max_length, seed=ctx.inputs.seed)
-            batches = [b.inputs for b in blocks][: max(1, cfg.calibration_samples // 4)]
-        else:
-            batches = [b.inputs for b in ctx.inputs.batches("calibration", 8, limit=cfg.calibration_samples)]
+        batches = self._calibration_batches(model, ctx)
         layers = self.covered_layers(model.module)
         norms = input_norms(model.module, layers, batches)
         match = N_M.match(cfg.pattern)
@@ -170,8 +165,22 @@ class MagnitudePrune(Pass):
             except ValueError as exc:
                 raise PassError(f"{name}: {exc}; exclude that layer for pattern {cfg.pattern}") from None
             masks[name] = mask.t() if name in transposed else mask
-        ctx.metrics["calibration_batches"] = len(batches)
         return masks
+
+    def _calibration_batches(self, model: TorchModel, ctx: PassContext) -> list[dict[str, Any]]:
+        """Inputs of the calibration split: token blocks for a causal LM (4 a batch), else batches of 8."""
+        from optitool import is_causal_lm, token_blocks
+
+        cfg: PruneConfig = self.config
+        if ctx.inputs is None or not ctx.inputs.has_split("calibration"):
+            raise PassError("this pruning criterion needs a calibration split: add one to [data] splits")
+        if is_causal_lm(model):
+            blocks = token_blocks(ctx.inputs, "calibration", ctx.inputs.max_length, seed=ctx.inputs.seed)
+            batches = [b.inputs for b in blocks][: max(1, cfg.calibration_samples // 4)]
+        else:
+            batches = [b.inputs for b in ctx.inputs.batches("calibration", 8, limit=cfg.calibration_samples)]
+        ctx.metrics["calibration_batches"] = len(batches)
+        return batches
 
     def _hand_on_gradual(self, model: TorchModel, weights: dict[str, Any], ctx: PassContext) -> TorchModel:
         from optitool_prune.gradual import GradualPruner
@@ -189,32 +198,61 @@ class MagnitudePrune(Pass):
     def _structured(self, model: TorchModel, ctx: PassContext) -> TorchModel:
         import torch
 
-        from optitool_prune.structured import bert_layers, prune_ffn, prune_heads, prune_sequential
+        from optitool_prune.structured import prune_sequential
 
         cfg: PruneConfig = self.config
         before = sum(p.numel() for p in model.module.parameters())
-        layers = bert_layers(model.module)
-        details: dict[str, Any] = {}
-        if layers:
-            if "ffn" in cfg.target:
-                details.update(prune_ffn(layers, cfg.sparsity, cfg.scope))
-            if "heads" in cfg.target:
-                info, overrides = prune_heads(model.module, layers, cfg.sparsity, cfg.scope)
-                details.update(info)
-                for name, attrs in overrides.items():
-                    model.overrides[name] = {**model.overrides.get(name, {}), **attrs}
-        else:
+        try:
+            layout = ctx.architecture(model.module)
+        except PassError as exc:
             seq = next((m for m in [model.module, *model.module.modules()] if isinstance(m, torch.nn.Sequential)),
                        None)
             if seq is None:
-                raise PassError("structured pruning knows BERT-like transformers and nn.Sequential stacks of "
-                                "Linear/Conv2d layers; this model is neither. Use pattern = 'unstructured' or '2:4'")
+                raise PassError(f"structured pruning finds transformer layers by role, and nn.Sequential stacks of "
+                                f"Linear/Conv2d layers; this model is neither: {exc}. Use pattern = 'unstructured' "
+                                "or '2:4'") from None
             try:
-                details.update(prune_sequential(seq, cfg.sparsity, cfg.scope))
-            except ValueError as exc:
-                raise PassError(f"structured pruning: {exc}") from None
+                details = prune_sequential(seq, cfg.sparsity, cfg.scope)
+            except ValueError as err:
+                raise PassError(f"structured pruning: {err}") from None
+        else:
+            details = self._structured_transformer(model, layout, ctx)
         after = sum(p.numel() for p in model.module.parameters())
         model.masks = {}
         ctx.metrics.update(pattern="structured", target=cfg.target, parameters_before=before,
                            parameters_removed=before - after, **details)
         return model
+
+    def _structured_transformer(self, model: TorchModel, layout: Any, ctx: PassContext) -> dict[str, Any]:
+        """MLP channels, heads or blocks of a transformer whose layers the architecture registry knows."""
+        from optitool_prune.structured import block_importance, prune_blocks, prune_heads, prune_mlp
+        from optitool_prune.wanda import input_norms
+
+        cfg: PruneConfig = self.config
+        arch = layout.architecture
+        details: dict[str, Any] = {"family": arch.family}
+        changed: dict[str, Any] = {}
+        if cfg.target == "layers":
+            importance = block_importance(model.module, layout, self._calibration_batches(model, ctx))
+            info, changed = prune_blocks(layout, cfg.sparsity, importance)
+            return {**details, **info, "config_changed": changed}
+        blocks = list(layout.blocks)
+        norms: dict[str, Any] | None = None
+        if cfg.criterion == "wanda":  # activation norms entering the down and output projections
+            watched = {f"{i}.{role}": b.get_submodule(path) for i, b in enumerate(blocks)
+                       for role, path in (("mlp", arch.mlp_out), ("attention", arch.attention_out))}
+            norms = input_norms(model.module, watched, self._calibration_batches(model, ctx))
+        if "ffn" in cfg.target:
+            by_block = {i: norms[f"{i}.mlp"] for i in range(len(blocks))} if norms else None
+            info, config = prune_mlp(layout, cfg.sparsity, cfg.scope, by_block)
+            details.update(info)
+            changed.update(config)
+        if "heads" in cfg.target:
+            by_block = {i: norms[f"{i}.attention"] for i in range(len(blocks))} if norms else None
+            names = {m: n for n, m in model.module.named_modules()}
+            info, overrides, config = prune_heads(layout, cfg.sparsity, cfg.scope, by_block, names)
+            details.update(info)
+            changed.update(config)
+            for name, attrs in overrides.items():
+                model.overrides[name] = {**model.overrides.get(name, {}), **attrs}
+        return {**details, "config_changed": changed}

@@ -44,6 +44,7 @@ class Int8Quantize(Pass):
     """int8 weights (and activations): ONNX through onnxruntime, torch through torchao or torch.ao."""
 
     name = "int8_quantize"
+    compresses = True
     Config = Int8Config
     takes = ("torch", "onnx")
     gives = "same"

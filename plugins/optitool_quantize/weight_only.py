@@ -39,6 +39,7 @@ class WeightOnlyQuantize(Pass):
     """4- or 8-bit block-wise weight-only quantization of ONNX MatMul weights (onnxruntime MatMulNBits)."""
 
     name = "weight_only_quantize"
+    compresses = True
     Config = WeightOnlyConfig
     takes = "onnx"
     gives = "onnx"

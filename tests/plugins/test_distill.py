@@ -186,3 +186,46 @@ def test_the_language_model_loss_ignores_padded_positions(tmp_path):
     other = ids.clone()
     other[1, 4:] = torch.tensor([20, 21])  # different tokens at the padded positions only
     assert torch.allclose(loss, distill._loss(teacher, model, {"input_ids": other, "attention_mask": mask}, None))
+
+
+def test_a_shallow_student_builds_for_decoders_and_generates_after_reloading(
+        tmp_path, optitool_tiny_causal_lm, optitool_text_folder):
+    """Blocks found by role (model.layers, transformer.h): the student keeps the first and last, renumbers
+    what indexes its KV cache, and its config says its depth, so it generates and reloads."""
+    import torch
+
+    from optitool.models.loaders import LOADERS, load_stage
+
+    snippet = (f'seed = 1\n[model]\nsource = "hf"\npath = "{optitool_tiny_causal_lm}"\nmax_length = 16\n'
+               f'[benchmark]\nsequence_lengths = [16]\n[data]\nsource = "folder"\npath = "{optitool_text_folder}"\n'
+               'label_field = ""\nsplits = { train = 0.6, eval = 0.4 }\n'
+               '[[passes]]\npass = "distill"\nstudent = "layers"\nlayers = 1\nmax_steps = 2\nbatch_size = 4\n')
+    result = run_snippet(snippet, tmp_path)
+    metrics = result.report["stages"][1]["metrics"]
+    assert metrics["student_layers_from_teacher"] == [1] and metrics["teacher"] == "baseline"
+    assert metrics["distill_tokens_per_s"] > 0 and "generation_agreement" in metrics
+    student = result.stages[1].artifact.module
+    config = student.config
+    assert getattr(config, "num_hidden_layers", getattr(config, "n_layer", None)) == 1
+    reloaded = load_stage(result.run_dir / "01-distill", LOADERS).module
+    ids = torch.randint(4, 30, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded.generate(ids, max_new_tokens=4, do_sample=False),
+                           student.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_the_default_teacher_after_pruning_is_the_model_before_it(tmp_path, optitool_text_folder):
+    """Distilling a pruned model from itself teaches nothing: the default teacher is the model that entered
+    the chain's first compression pass, also when another pass ran in between."""
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=20)
+    snippet = (f'seed = 1\n[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n'
+               f'[benchmark]\nsequence_lengths = [16]\n[data]\nsource = "folder"\npath = "{optitool_text_folder}"\n'
+               'label_field = ""\nsplits = { train = 0.6, eval = 0.4 }\n'
+               '[[passes]]\npass = "distill"\nname = "tune"\nmax_steps = 1\nbatch_size = 4\n'
+               '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n'
+               '[[passes]]\npass = "magnitude_prune"\nname = "more"\nsparsity = 0.6\n'
+               '[[passes]]\npass = "distill"\nname = "recover"\nmax_steps = 1\nbatch_size = 4\n')
+    stages = {s["name"]: s["metrics"] for s in run_snippet(snippet, tmp_path).report["stages"]}
+    assert stages["tune"]["teacher"] == "baseline" and stages["recover"]["teacher"] == "tune"

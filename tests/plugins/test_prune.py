@@ -81,7 +81,7 @@ pass = "onnx_export"
 """
     result = run_snippet(snippet, tmp_path)
     metrics = result.report["stages"][1]["metrics"]
-    assert metrics["heads_kept"] == [2, 2] and metrics["ffn_units_kept"] == [32, 32]
+    assert metrics["heads_kept"] == [2, 2] and metrics["mlp_channels_kept"] == [32, 32] and metrics["family"] == "bert"
     assert result.report["stages"][2]["metrics"]["export_max_abs_diff"] < 1e-3
     from optitool.models.loaders import LOADERS, load_stage
 
@@ -140,3 +140,125 @@ def test_wanda_without_a_calibration_split_is_refused_before_loading(tmp_path):
     (tmp_path / "p.toml").write_text(MLP + '[[passes]]\npass = "magnitude_prune"\ncriterion = "wanda"\nsparsity = 0.5\n')
     result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
     assert result.exit_code == 2 and "calibration" in result.output, result.output
+
+
+def _decoder_snippet(folder, texts, passes: str) -> str:
+    return (f'seed = 1\n[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n'
+            f'[benchmark]\nsequence_lengths = [16]\n[data]\nsource = "folder"\npath = "{texts}"\n'
+            f'label_field = ""\nsplits = {{ calibration = 0.3, eval = 0.3 }}\n{passes}')
+
+
+def _columns_kept(original, pruned):
+    """Indices of the original's input columns that the pruned [out, in] weight kept (they are copies)."""
+    return [next(j for j in range(original.shape[1]) if torch.equal(original[:, j], pruned[:, i]))
+            for i in range(pruned.shape[1])]
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+def test_structured_decoder_pruning_equals_the_original_with_those_parts_zeroed(
+        tmp_path, optitool_tiny_causal_lm, optitool_text_folder, criterion):
+    """MLP channels and attention heads (a key/value group with its query heads on Llama) leave the model;
+    the pruned model computes what the original computes with those channels' and heads' output columns
+    zeroed, keeps a config that describes it, reloads from its stage folder and exports with its KV cache
+    (the export verifies 32 greedy steps against torch)."""
+    import transformers
+    from optitool_prune.structured import is_hf_conv1d, out_in
+
+    from optitool.architectures import find_architecture
+    from optitool.models.loaders import LOADERS, load_stage
+
+    passes = ('[[passes]]\npass = "magnitude_prune"\npattern = "structured"\ntarget = "ffn+heads"\nsparsity = 0.5\n'
+              f'scope = "layer"\ncriterion = "{criterion}"\n[[passes]]\npass = "onnx_export"\n')
+    snippet = _decoder_snippet(optitool_tiny_causal_lm, optitool_text_folder, passes)
+    result = run_snippet(snippet, tmp_path)
+    metrics = result.report["stages"][1]["metrics"]
+    llama = metrics["family"] == "llama"
+    assert metrics["heads_kept"] == [2, 2] and metrics["mlp_channels_kept"] == ([32, 32] if llama else [64, 64])
+    assert metrics["parameters_removed"] > 0
+    export = result.report["stages"][2]["metrics"]
+    assert export["export_greedy_steps_identical"] == 32
+
+    pruned = result.stages[1].artifact.module
+    original = transformers.AutoModelForCausalLM.from_pretrained(optitool_tiny_causal_lm).eval()
+    layout, pruned_layout = find_architecture(original), find_architecture(pruned)
+    arch = layout.architecture
+    with torch.no_grad():
+        for block, small in zip(layout.blocks, pruned_layout.blocks, strict=True):
+            for path in (arch.mlp_out, arch.attention_out):
+                full, kept = out_in(block.get_submodule(path)), out_in(small.get_submodule(path))
+                dropped = sorted(set(range(full.shape[1])) - set(_columns_kept(full, kept)))
+                layer = block.get_submodule(path)
+                if is_hf_conv1d(layer):  # weight [in, out]
+                    layer.weight[dropped] = 0
+                else:
+                    layer.weight[:, dropped] = 0
+    ids = torch.randint(4, 30, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(pruned(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-5)
+    reloaded = load_stage(result.run_dir / "01-magnitude_prune", LOADERS).module
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, pruned(input_ids=ids).logits, atol=1e-6)
+    if llama:  # the config alone rebuilds the pruned architecture
+        config = pruned.config
+        assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (2, 1, 32)
+        rebuilt = transformers.AutoModelForCausalLM.from_config(config)
+        rebuilt.load_state_dict(pruned.state_dict())
+
+
+def test_depth_pruning_drops_the_block_that_changes_the_hidden_state_least(
+        tmp_path, optitool_tiny_causal_lm, optitool_text_folder):
+    from optitool.models.loaders import LOADERS, load_stage
+
+    passes = '[[passes]]\npass = "magnitude_prune"\npattern = "structured"\ntarget = "layers"\nsparsity = 0.5\n'
+    snippet = _decoder_snippet(optitool_tiny_causal_lm, optitool_text_folder, passes)
+    result = run_snippet(snippet, tmp_path)
+    base, pruned = (s["metrics"] for s in result.report["stages"])
+    importance = pruned["block_importance"]
+    assert pruned["blocks_kept"] == [importance.index(max(importance))]
+    assert "generation_agreement" in pruned and pruned["perplexity"] > base["perplexity"]
+    module = result.stages[1].artifact.module
+    assert len(find_blocks(module)) == 1 and next(iter(pruned["config_changed"].values())) == 1
+    reloaded = load_stage(result.run_dir / "01-magnitude_prune", LOADERS).module
+    ids = torch.randint(4, 30, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded.generate(ids, max_new_tokens=4, do_sample=False),
+                           module.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def find_blocks(module):
+    from optitool.architectures import find_architecture
+
+    return find_architecture(module).blocks
+
+
+def test_depth_pruning_without_calibration_data_is_refused_before_loading(tmp_path):
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    (tmp_path / "p.toml").write_text(MLP + '[[passes]]\npass = "magnitude_prune"\npattern = "structured"\n'
+                                           'target = "layers"\nsparsity = 0.5\n')
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
+    assert result.exit_code == 2 and "calibration" in result.output, result.output
+
+
+def test_an_unknown_architecture_is_told_what_the_closest_family_lacks():
+    from optitool.architectures import find_architecture
+    from optitool.errors import PassError
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = torch.nn.Module()
+            self.self_attn.q_proj = torch.nn.Linear(4, 4)
+            self.mlp = torch.nn.Linear(4, 4)
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([Block()])
+
+    with pytest.raises(PassError, match=r"closest, llama, lacks .*key 'model.layers.0.self_attn.k_proj'.*"
+                                        r"optitool_register_architectures"):
+        find_architecture(Odd())
