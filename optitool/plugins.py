@@ -26,6 +26,8 @@ from optitool.version import API_VERSION, __version__
 ENTRY_POINT_GROUP = "optitool"
 AUTOLOAD_ENV = "OPTITOOL_DISABLE_PLUGIN_AUTOLOAD"
 BLOCK_ENV = "OPTITOOL_BLOCK_PLUGINS"
+PLUGINS_ENV = "OPTITOOL_PLUGINS"  # modules to load as plugins, comma-separated (as PYTEST_PLUGINS): reaches the
+# fresh processes of search trials, which no command-line flag does
 CORE_PLUGIN = "optitool.builtin"
 REGISTRATION_HOOKS = ("optitool_register_passes", "optitool_register_loaders",
                       "optitool_register_runtimes", "optitool_register_metrics", "optitool_register_architectures")
@@ -154,8 +156,10 @@ def get_plugin_manager(*, autoload: bool | None = None, builtins: bool = True, b
     `autoload=False` (or OPTITOOL_DISABLE_PLUGIN_AUTOLOAD=1) loads only optitool's own plugins;
     `builtins=False` leaves out the built-in passes too (the core's loaders, runtimes and metrics stay);
     `blocked` (and OPTITOOL_BLOCK_PLUGINS=a,b) names plugins never to load; `plugins` names modules to
-    load explicitly; `modules` registers already imported objects (used by the test kit).
+    load explicitly (and OPTITOOL_PLUGINS=mod_a,mod_b); `modules` registers already imported objects (used by
+    the test kit).
     """
+    plugins = (*plugins, *(m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()))
     if autoload is None:
         autoload = os.environ.get(AUTOLOAD_ENV, "") not in ("1", "true", "yes")
     pm = pluggy.PluginManager("optitool")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from optitool import atomic
-from optitool.artifacts import ModelArtifact, OnnxModel
+from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.bench.memory import rss_mb
 from optitool.config import PipelineSpec, check_run_dir_free, resolve_run_dir
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
@@ -94,6 +94,19 @@ def _private_copy(model: ModelArtifact) -> ModelArtifact:
                                overrides=copy.deepcopy(model.overrides))
 
 
+def _restorable(folder: Path | None) -> bool:
+    """A stage the cache can give back: an ONNX file, or torch weights that reload onto their origin."""
+    import json
+
+    if folder is None:
+        return False
+    if (folder / "model.onnx").is_file():
+        return True
+    meta = folder / "model.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("reloadable", True) and \
+        (folder / "model.safetensors").is_file()
+
+
 @dataclass
 class Stage:
     name: str
@@ -115,11 +128,30 @@ def prepare_run_dir(spec: PipelineSpec, output: str | None, overwrite: bool) -> 
     return run_dir
 
 
+def load_model_and_inputs(spec: PipelineSpec, registry: Any) -> tuple[ModelArtifact, Any]:
+    """The pipeline's model, and its data as model inputs (tokenized with the model's tokenizer)."""
+    from optitool.data.inputs import InputSource
+    from optitool.data.sources import Dataset, load_dataset
+
+    dataset = load_dataset(spec.data, spec.base_dir, spec.seed) if spec.data else Dataset({}, [])
+    loader = registry.loaders[spec.model.source].obj
+    model = loader.load(spec.model, spec.base_dir)
+    max_length = (spec.data.max_length if spec.data and spec.data.max_length else spec.model.max_length)
+    tokenizer = getattr(model, "tokenizer", None)
+    inputs = InputSource(dataset, tokenizer=tokenizer, input_specs=spec.model.inputs,
+                         input_names=getattr(model, "input_names", None), max_length=max_length, seed=spec.seed)
+    return model, inputs
+
+
 class Runner:
     def __init__(self, spec: PipelineSpec, plugins: Plugins, run_dir: Path, *, device: str = "auto",
-                 overwrite: bool = False, quiet: bool = False, benchmark: bool = True, verbose: bool = False) -> None:
+                 overwrite: bool = False, quiet: bool = False, benchmark: bool = True, verbose: bool = False,
+                 cache: Path | None = None) -> None:
+        from optitool.cache import StageCache
         from optitool.report.console import RunConsole
 
+        self.cache = StageCache(cache) if cache is not None else None
+        self._chain_key: str | None = None  # the stage cache key of the stage just made (None: not cacheable)
         self.spec, self.plugins, self.registry = spec, plugins, plugins.registry
         self.run_dir, self.overwrite, self.quiet, self.do_benchmark = run_dir, overwrite, quiet, benchmark
         self.verbose = verbose
@@ -132,18 +164,7 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _load(self) -> tuple[ModelArtifact, Any]:
-        from optitool.data.inputs import InputSource
-        from optitool.data.sources import Dataset, load_dataset
-
-        spec = self.spec
-        dataset = load_dataset(spec.data, spec.base_dir, spec.seed) if spec.data else Dataset({}, [])
-        loader = self.registry.loaders[spec.model.source].obj
-        model = loader.load(spec.model, spec.base_dir)
-        max_length = (spec.data.max_length if spec.data and spec.data.max_length else spec.model.max_length)
-        tokenizer = getattr(model, "tokenizer", None)
-        inputs = InputSource(dataset, tokenizer=tokenizer, input_specs=spec.model.inputs,
-                             input_names=getattr(model, "input_names", None), max_length=max_length, seed=spec.seed)
-        return model, inputs
+        return load_model_and_inputs(self.spec, self.registry)
 
     def _open_run_dir(self) -> None:
         try:
@@ -265,6 +286,8 @@ class Runner:
         with atomic.staging_dir(folder) as tmp:
             atomic.write_json(tmp / "stage.json", record)
         self._add_stage(Stage("baseline", baseline, record, None))
+        if self.cache is not None:
+            self._chain_key = self._first_key(device)
         model = baseline
         for number, pass_spec in enumerate(self.spec.active_passes, start=1):
             model = self._run_pass(number, pass_spec, model, inputs, device)
@@ -278,9 +301,67 @@ class Runner:
         folder = self.run_dir / f"{number:02d}-{pass_spec.stage_name}"
         where = f"pass {pass_spec.pass_name!r} (plugin {plugin!r}, stage {pass_spec.stage_name!r})"
         self.log.info("running %s", where)
+        key = self._stage_key(number, pass_spec, plugin)
+        hit = self.cache.lookup(key) if self.cache is not None and key is not None else None
+        if hit is not None:
+            with self.console.step(f"[{number}/{len(self.spec.active_passes)}] {pass_spec.stage_name} "
+                                   f"({pass_spec.pass_name}): from the stage cache"):
+                return self._restore(hit, pass_spec, folder)
+        handed_on = dict(self._state.get("_handed_on", {}))
         with self.console.step(f"[{number}/{len(self.spec.active_passes)}] {pass_spec.stage_name} "
                                f"({pass_spec.pass_name}): run, save, evaluate"):
-            return self._run_pass_here(pass_spec, model, inputs, device, plugin, folder, where)
+            result = self._run_pass_here(pass_spec, model, inputs, device, plugin, folder, where)
+        if key is not None and self.cache is not None:
+            stage = self.stages[-1]
+            if self._state.get("_handed_on", {}) != handed_on or not _restorable(stage.folder):
+                self._chain_key = None  # what this pass left for later ones is not in the cache: stop here
+            else:
+                self.cache.store(key, stage.folder, stage.record, getattr(result, "masks", {}) or {})
+        return result
+
+    # ------------------------------------------------------------------------------------------ stage cache
+    def _first_key(self, device: str) -> str:
+        from optitool.cache import model_identity, stage_key
+        from optitool.version import __version__
+
+        spec = self.spec
+        return stage_key({"model": model_identity(spec.model.model_dump(exclude_none=True), spec.base_dir),
+                          "data": spec.data.model_dump() if spec.data else None, "seed": spec.seed,
+                          "device": device, "optitool": __version__})
+
+    def _stage_key(self, number: int, pass_spec: Any, plugin: str) -> str | None:
+        from optitool.cache import stage_key
+
+        if self.cache is None or self._chain_key is None:
+            return None
+        settings = self.spec.resolved()["passes"][pass_spec.index]
+        version = next((i.version for i in self.plugins.infos if i.name == plugin), "")
+        self._chain_key = stage_key({"parent": self._chain_key, "number": number, "pass": settings,
+                                     "plugin": plugin, "version": version})
+        return self._chain_key
+
+    def _restore(self, hit: tuple[Path, dict[str, Any]], pass_spec: Any, folder: Path) -> ModelArtifact:
+        """A stage from the cache: its files into the run folder, its model loaded, its record marked."""
+        from optitool.cache import MANIFEST, MASKS, StageCache
+        from optitool.models.loaders import load_stage
+
+        entry, cached = hit
+        with atomic.staging_dir(folder) as tmp:
+            for path in entry.rglob("*"):
+                if path.is_file() and path.name not in (MANIFEST, MASKS):
+                    target = tmp / path.relative_to(entry)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+            record = {**cached, "benchmarks": [], "cached": True}
+            atomic.write_json(tmp / "stage.json", record)
+        baseline = self.stages[0].artifact
+        artifact = load_stage(folder, self.registry.loader_view(),
+                              base=baseline if isinstance(baseline, TorchModel) else None)
+        if isinstance(artifact, TorchModel):
+            artifact.masks = StageCache.masks(entry)
+        self._add_stage(Stage(pass_spec.stage_name, artifact, record, folder))
+        self.plugins.notify("optitool_pass_finished", stage=record, run_dir=self.run_dir)
+        return artifact
 
     def _run_pass_here(self, pass_spec: Any, model: ModelArtifact, inputs: Any, device: str, plugin: str,
                        folder: Path, where: str) -> ModelArtifact:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -344,7 +345,11 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_stage(folder: Path, loaders: Mapping[str, Loader]) -> ModelArtifact:
+def load_stage(folder: Path, loaders: Mapping[str, Loader], base: TorchModel | None = None) -> ModelArtifact:
+    """A saved stage as a model again. A torch stage is its origin model rebuilt to the recorded structure
+    with the saved weights; `base` (that origin, already loaded) saves loading it again."""
+    import copy
+
     from optitool.spec import ModelSpec
 
     if (folder / "model.onnx").is_file():
@@ -363,8 +368,11 @@ def load_stage(folder: Path, loaders: Mapping[str, Loader]) -> ModelArtifact:
     if origin.source not in loaders:
         raise ConfigError(f"stage {folder} was made from a model loaded by {origin.source!r}, a loader no plugin "
                           "registers now; install or unblock the plugin that provides it")
-    with _quiet_transformers():  # the saved weights replace what it would warn about (e.g. a new head)
-        base = loaders[origin.source].load(origin.model_copy(update={"checkpoint": None}), Path("/"))
+    if base is not None:
+        base = dataclasses.replace(base, module=copy.deepcopy(base.module), masks={}, overrides={})
+    else:
+        with _quiet_transformers():  # the saved weights replace what it would warn about (e.g. a new head)
+            base = loaders[origin.source].load(origin.model_copy(update={"checkpoint": None}), Path("/"))
     state = load_state_dict(folder / "model.safetensors")
     apply_structure(base.module, meta.get("structure", {}))
     apply_overrides(base.module, meta.get("overrides", {}))
