@@ -123,10 +123,12 @@ def _spec(ctx: click.Context, pipeline: str, overrides: tuple[str, ...], output:
 @click.option("--no-benchmark", is_flag=True, help="Skip the benchmark (evaluation still runs).")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the final verdict.")
 @click.option("--verbose", "-v", is_flag=True, help="Let libraries print to the terminal (otherwise: run.log).")
+@click.option("--cache", "cache", type=click.Path(), help="A stage cache folder: stages computed before with the "
+              "same model, data, settings, plugins and seed are taken from it, new ones added.")
 @click.pass_context
 @handled
 def run(ctx: click.Context, pipeline: str, output: str | None, device: str, overrides: tuple[str, ...],
-        overwrite: bool, no_benchmark: bool, quiet: bool, verbose: bool) -> None:
+        overwrite: bool, no_benchmark: bool, quiet: bool, verbose: bool, cache: str | None) -> None:
     """Run PIPELINE: load the model, run the passes, evaluate, benchmark, write the report."""
     from optitool.report.table import budget_lines, terminal_table
     from optitool.runner import Runner, prepare_run_dir
@@ -134,7 +136,7 @@ def run(ctx: click.Context, pipeline: str, output: str | None, device: str, over
     plugins, spec, _ = _spec(ctx, pipeline, overrides, output)
     run_dir = prepare_run_dir(spec, output, overwrite)
     result = Runner(spec, plugins, run_dir, device=device, overwrite=overwrite, quiet=quiet,
-                    benchmark=not no_benchmark, verbose=verbose).run()
+                    benchmark=not no_benchmark, verbose=verbose, cache=Path(cache) if cache else None).run()
     report = result.report
     if not quiet:
         click.echo("\n" + terminal_table(report))
@@ -145,6 +147,39 @@ def run(ctx: click.Context, pipeline: str, output: str | None, device: str, over
     if budget and not budget["passed"]:
         failed = [c["message"] for c in budget["checks"] if not c["passed"]]
         raise BudgetError("budget not met: " + "; ".join(failed))
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path())
+@click.option("--output", "-o", type=click.Path(), help="Search folder (default: runs/<name>-search); an "
+              "existing one is continued.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: trials one after another in fresh processes; ray: Ray tasks, several at once.")
+@click.option("--address", help="With --executor ray: an existing Ray cluster (default: a local Ray started here).")
+@click.option("--storage", help="An Optuna database URL shared by workers on several machines (default: SQLite "
+              "in the search folder).")
+@click.option("--cache", "cache_dir", type=click.Path(), help="The stage cache trials share (default: cache/ in "
+              "the search folder); name one folder for several searches to share their stages.")
+@click.option("--no-cache", is_flag=True, help="Compute every stage of every trial.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.pass_context
+@handled
+def search(ctx: click.Context, pipeline: str, output: str | None, executor: str, address: str | None,
+           storage: str | None, cache_dir: str | None, no_cache: bool, device: str) -> None:
+    """Search PIPELINE's [search] settings: each trial a run in its own folder, the Pareto candidates
+    re-measured side by side, the chosen one written to best.toml. Exit 1 when no trial meets the budget."""
+    from optitool.search.driver import run_search
+
+    plugins, spec, run_dir = _spec(ctx, pipeline, (), None)
+    folder = Path(output) if output else run_dir.with_name(run_dir.name + "-search")
+    cache = None if no_cache else (Path(cache_dir) if cache_dir else folder / "cache")
+    result = run_search(spec, plugins.registry, folder, executor=executor, address=address, storage=storage,
+                        cache=cache, device=device, say=click.echo)
+    click.echo(f"search: {folder / 'search.json'}  summary: {folder / 'search.md'}")
+    if result["best"] is None:
+        raise BudgetError(f"no trial met the budget ({result['counts']['infeasible']} over budget, "
+                          f"{result['counts']['failed']} failed)")
+    click.echo(f"chosen: trial {result['best']}; reproduce it with: optitool run {folder / 'best.toml'}")
 
 
 @cli.command()

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from optitool.errors import ConfigError
 from optitool.passes import Pass, PassConfig
 from optitool.registry import Registry
+from optitool.search.spec import SearchSpec, check_search, parse_search
 from optitool.spec import BenchmarkSpec, BudgetSpec, DataSpec, ModelSpec, OutputSpec
 
 if sys.version_info >= (3, 11):
@@ -52,6 +53,7 @@ class PipelineSpec(BaseModel):
     benchmark: BenchmarkSpec
     budget: BudgetSpec | None
     output: OutputSpec
+    search: SearchSpec | None = None
     base_dir: Path
     source: Path | None
     raw: dict[str, Any]
@@ -142,7 +144,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 
 
 _SECTIONS = ("model", "data", "benchmark", "budget", "output", "data.splits", "model.inputs")
-_TOP_KEYS = {"name", "seed", "model", "data", "passes", "benchmark", "budget", "output"}
+_TOP_KEYS = {"name", "seed", "model", "data", "passes", "benchmark", "budget", "output", "search"}
 
 
 def load_pipeline(path: str | Path, registry: Registry, overrides: tuple[str, ...] = ()) -> PipelineSpec:
@@ -223,8 +225,11 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
                 except ConfigError as exc:
                     raise ConfigError(f"{where}: passes[{spec.index}] (pass {spec.pass_name!r}): {exc}") from None
     _check_data_needs(passes, registry, data, where)
+    search = parse_search(raw, where)
+    if search is not None:
+        check_search(search, raw, registry, base_dir, where, source)
     spec = PipelineSpec(name=name, seed=seed, model=model, data=data, passes=passes, benchmark=benchmark,
-                        budget=budget, output=output, base_dir=base_dir, source=source, raw=raw)
+                        budget=budget, output=output, search=search, base_dir=base_dir, source=source, raw=raw)
     if data is not None:
         from optitool.data.sources import check_data_spec
 

@@ -1,0 +1,181 @@
+"""`optitool search` as users and CI see it: the spec refused before anything runs, trials as runs, results
+that reproduce, a killed search that resumes, and a stage cache that trials and searches share."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from optitool.cli import cli
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "counting_plugin"
+
+PIPELINE = """
+name = "tiny-search"
+seed = 0
+[model]
+source = "python"
+factory = "optitool.testing:tiny_mlp"
+kwargs = { hidden = 64 }
+[model.inputs]
+x = ["batch", 16]
+[[passes]]
+pass = "magnitude_prune"
+sparsity = 0.5
+[[passes]]
+pass = "magnitude_prune"
+name = "again"
+sparsity = 0.6
+[benchmark]
+batch_sizes = [4]
+runtimes = ["torch_eager"]
+min_iterations = 3
+min_seconds = 0
+warmup = 1
+[budget]
+min_fidelity = 0.9
+[search]
+sampler = "grid"
+objectives = { latency_ms = "minimize", fidelity = "maximize" }
+[search.parameters]
+"passes.0.sparsity" = [0.2, 0.97]
+"passes.1.sparsity" = [0.3, 0.4]
+"""
+
+
+@pytest.fixture
+def counting(tmp_path, monkeypatch):
+    """Trials load the counting plugin (OPTITOOL_PLUGINS reaches their fresh processes); returns a reader of
+    its lines."""
+    count = tmp_path / "count.txt"
+    monkeypatch.setenv("OPTITOOL_PLUGINS", "optitool_count_passes")
+    monkeypatch.setenv("OPTITOOL_COUNT_FILE", str(count))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(FIXTURES))
+
+    def lines() -> list[list[str]]:
+        return [line.split() for line in count.read_text().splitlines()] if count.is_file() else []
+
+    return lines
+
+
+def search(*args: str):
+    return CliRunner().invoke(cli, ["search", *map(str, args)], catch_exceptions=False)
+
+
+def test_a_grid_search_finds_the_feasible_trials_and_best_toml_reproduces_the_chosen_one(tmp_path, counting):
+    (tmp_path / "p.toml").write_text(PIPELINE)
+    folder, cache = tmp_path / "s1", tmp_path / "cache"
+    result = search(tmp_path / "p.toml", "-o", folder, "--cache", cache)
+    assert result.exit_code == 0, result.output
+    assert "re-measuring" in result.output and "Pareto front" in result.output
+    found = json.loads((folder / "search.json").read_text())
+    statuses = {(t["params"]["passes.0.sparsity"], t["params"]["passes.1.sparsity"]): t["status"]
+                for t in found["trials"]}
+    assert statuses == {(0.2, 0.3): "feasible", (0.2, 0.4): "feasible", (0.97, 0.3): "infeasible",
+                        (0.97, 0.4): "infeasible"}
+    best = next(t for t in found["trials"] if t["number"] == found["best"])
+    assert found["best"] in found["pareto"] and found["remeasured"][str(found["best"])]["median_ms"] > 0
+    assert (folder / "search.md").read_text().count("| feasible |") == 2
+    assert (folder / "plots" / "latency_vs_quality.png").is_file()
+    # the stage cache: the first pass ran once per value (2), the second once per trial (4) ...
+    computed = [line[1] for line in counting() if line[2] == "computed"]
+    assert sorted(computed) == ["again"] * 4 + ["magnitude_prune"] * 2
+    # the chosen pipeline, run as users would: the same fidelity exactly
+    run = CliRunner().invoke(cli, ["run", str(folder / "best.toml"), "-o", str(tmp_path / "again"), "--quiet"])
+    assert run.exit_code == 0, run.output
+    stages = json.loads((tmp_path / "again" / "report.json").read_text())["stages"]
+    assert stages[-1]["metrics"]["fidelity"] == best["metrics"]["fidelity"]
+    # ... and a second search over the same space, sharing the cache, computes no stage at all
+    before = len(counting())
+    again = search(tmp_path / "p.toml", "-o", tmp_path / "s2", "--cache", cache)
+    assert again.exit_code == 0, again.output
+    new = counting()[before:]
+    assert [line for line in new if line[2] == "computed"] == [] and len([x for x in new if x[2] == "cached"]) == 8
+
+
+def test_ray_runs_two_trials_at_once_finds_the_same_feasible_trials_and_survives_a_dead_worker(
+        tmp_path, counting, monkeypatch):
+    """Local Ray, two trials at a time; the worker under the last trial is killed: that trial fails, the
+    search finishes, and the feasible trials are those the local executor finds."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("OPTITOOL_KILL_PARENT_OF", "003")
+    (tmp_path / "p.toml").write_text(PIPELINE.replace('sampler = "grid"', 'sampler = "grid"\nconcurrency = 2'))
+    result = search(tmp_path / "p.toml", "-o", tmp_path / "s", "--executor", "ray", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert "2 trial(s) at a time, ray" in result.output
+    trials = json.loads((tmp_path / "s" / "search.json").read_text())["trials"]
+    feasible = {(t["params"]["passes.0.sparsity"], t["params"]["passes.1.sparsity"]) for t in trials
+                if t["status"] == "feasible"}
+    assert feasible == {(0.2, 0.3), (0.2, 0.4)}
+    dead = next(t for t in trials if t["number"] == 3)
+    assert dead["status"] == "failed" and "Ray task failed" in dead["error"]
+
+
+def test_no_feasible_trial_exits_1_for_ci(tmp_path):
+    (tmp_path / "p.toml").write_text(PIPELINE.replace("min_fidelity = 0.9", "min_fidelity = 0.99999")
+                                     .replace("[0.2, 0.97]", "[0.97]").replace("[0.3, 0.4]", "[0.4]"))
+    result = search(tmp_path / "p.toml", "-o", tmp_path / "s", "--no-cache")
+    assert result.exit_code == 1 and "no trial met the budget" in result.output
+    assert not (tmp_path / "s" / "best.toml").exists()
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["counts"]["infeasible"] == 1
+
+
+def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, counting):
+    (tmp_path / "p.toml").write_text(PIPELINE)
+    folder = tmp_path / "s"
+    command = [sys.executable, "-m", "optitool.cli", "search", str(tmp_path / "p.toml"), "-o", str(folder),
+               "--no-cache"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (folder / "trials" / "001").exists():
+        time.sleep(0.2)  # trial 0 finished, trial 1 started
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (folder / "trials" / "000" / "report.json").is_file()
+    result = search(tmp_path / "p.toml", "-o", folder, "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert "continuing the search: 1 trials already finished" in result.output
+    trials = json.loads((folder / "search.json").read_text())["trials"]
+    finished = [t for t in trials if t["status"] != "interrupted"]
+    points = [tuple(sorted(t["params"].items())) for t in finished]
+    assert len(points) == 4 and len(set(points)) == 4  # every grid point exactly once
+    started = [Path(line[2]).name for line in counting() if line[1] == "start"]
+    assert started.count("000") == 1  # trial 0 ran once: before the kill
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ('"passes.5.sparsity" = [0.1]', "the pipeline has 2 passes"),
+    ('"passes.0.sparsity" = [0.5, 1.5]', "the value 1.5 is refused"),
+    ('"passes.0.bogus" = [1]', "has no setting 'bogus'"),
+    ('"sparsity" = [0.1]', "passes.N.setting"),
+    ('"passes.0.sparsity" = { low = 0.1, high = 0.9 }', "needs a step"),
+    ('"passes.0.sparsity" = { low = 0.9, high = 0.1, step = 0.1 }', "must be above low"),
+])
+def test_a_bad_search_spec_exits_2_and_writes_nothing(tmp_path, change, message):
+    text = PIPELINE.split("[search.parameters]")[0] + f"[search.parameters]\n{change}\n"
+    (tmp_path / "p.toml").write_text(text)
+    for command in (["validate", str(tmp_path / "p.toml")], ["search", str(tmp_path / "p.toml"), "-o",
+                                                            str(tmp_path / "s")]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_search_without_a_search_table_or_length_is_a_usage_error(tmp_path):
+    (tmp_path / "p.toml").write_text(PIPELINE.split("[search]")[0])
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "p.toml"), "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "no [search] table" in result.output
+    (tmp_path / "q.toml").write_text(PIPELINE.replace('sampler = "grid"', 'sampler = "tpe"'))
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "q.toml")])
+    assert result.exit_code == 2 and "trials = N" in result.output
+    assert not (tmp_path / "s").exists()
