@@ -130,11 +130,30 @@ def _spec(ctx: click.Context, pipeline: str, overrides: tuple[str, ...], output:
 def run(ctx: click.Context, pipeline: str, output: str | None, device: str, overrides: tuple[str, ...],
         overwrite: bool, no_benchmark: bool, quiet: bool, verbose: bool, cache: str | None) -> None:
     """Run PIPELINE: load the model, run the passes, evaluate, benchmark, write the report."""
+    from optitool.distributed import relaunch, world
     from optitool.report.table import budget_lines, terminal_table
     from optitool.runner import Runner, prepare_run_dir
 
     plugins, spec, _ = _spec(ctx, pipeline, overrides, output)
     run_dir = prepare_run_dir(spec, output, overwrite)
+    rank, size = world()
+    processes = max([p.make(plugins.registry).processes() for p in spec.active_passes] + [1])
+    if processes > 1 and size == 1:
+        args = ["run", pipeline, "--output", str(run_dir), "--device", device, *sum((["--set", o] for o in overrides), [])]
+        args += [flag for flag, on in (("--overwrite", overwrite), ("--no-benchmark", no_benchmark), ("--quiet", quiet),
+                                       ("--verbose", verbose)) if on] + (["--cache", cache] if cache else [])
+        click.echo(f"a pass trains on {processes} processes: running under torchrun", err=True)
+        ctx.exit(relaunch(processes, args))
+    if rank > 0:  # rank 0 writes the run; the others follow the same chain in a folder of their own
+        import shutil
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix=f"optitool-rank{rank}-"))
+        try:
+            Runner(spec, plugins, scratch / "run", device=device, quiet=True, benchmark=False, verbose=verbose).run()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     result = Runner(spec, plugins, run_dir, device=device, overwrite=overwrite, quiet=quiet,
                     benchmark=not no_benchmark, verbose=verbose, cache=Path(cache) if cache else None).run()
     report = result.report

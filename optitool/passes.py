@@ -61,6 +61,11 @@ class Pass:
         """Refuse, before anything loads, a setting that cannot work for the task the model's files declare
         ("text-generation" for a causal LM; called only when the loader can tell; raise ConfigError)."""
 
+    def processes(self) -> int:
+        """How many processes this pass trains on (torch.distributed); above 1, `optitool run` runs under
+        torchrun with that many (see optitool.distributed)."""
+        return 1
+
     def data_needs(self) -> dict[str, str]:
         """The data splits this pass needs with these settings: split name -> "inputs" or "labels".
         The pipeline is refused before anything runs when its [data] cannot give them."""

@@ -54,6 +54,9 @@ class DistillConfig(PassConfig):
         "auto", description="auto: KL on logits, cosine on embeddings")
     hidden_weight: float = Field(0.0, ge=0, description="weight of hidden-state matching (same widths only)")
     mixed_precision: bool = Field(True, description="bf16 autocast on CUDA")
+    processes: int = Field(1, ge=1, description="train on this many processes (torchrun, DistributedDataParallel: "
+                           "gloo on CPU, nccl on CUDA), each on its share of every batch; under torchrun already, "
+                           "its world size is used")
     keep_best: bool = Field(True, description="keep the best of the starting student and each epoch (eval score)")
 
 
@@ -77,6 +80,52 @@ def _combine(masks: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _world() -> tuple[int, int]:
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _backend(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def _distributed(module: Any, device: str) -> Any:
+    """The student wrapped for DistributedDataParallel (the process group started on first use)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(_backend(device))
+    return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+
+
+def _share(batch: Batch, rank: int, size: int) -> Batch | None:
+    """This rank's rows of a batch (rank, rank + size, ...): the ranks' gradients, averaged, are the whole
+    batch's, so N processes train like one on the same batches."""
+    if size == 1:
+        return batch
+    rows = len(next(iter(batch.inputs.values())))
+    if rows < size:
+        return None
+    inputs = {k: v[rank::size] for k, v in batch.inputs.items()}
+    return Batch(inputs, batch.labels[rank::size] if batch.labels is not None else None)
+
+
+def _mean_over_ranks(value: Any, size: int) -> float:
+    if size > 1:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= size
+    return float(value)
+
+
 class Distill(Pass):
     """Distil the model into a student (same, shallower, or named), keeping pruning masks."""
 
@@ -87,6 +136,9 @@ class Distill(Pass):
 
     def data_needs(self) -> dict[str, str]:
         return {"train": "labels" if self.config.alpha == 0 else "inputs"}
+
+    def processes(self) -> int:
+        return self.config.processes
 
     def _student(self, model: TorchModel, ctx: PassContext) -> TorchModel:
         cfg: DistillConfig = self.config
@@ -151,6 +203,8 @@ class Distill(Pass):
                                ", ".join(dropped))
         causal = is_causal_lm(student)
         train_batches = self._train_batches(ctx, causal)
+        rank, size = _world()
+        trained = _distributed(student.module, device) if size > 1 else student.module
         steps_per_epoch = math.ceil(len(train_batches) / cfg.gradient_accumulation)
         total = min(cfg.max_steps or 10**9, steps_per_epoch * cfg.epochs)
         decay = [p for n, p in params.items() if p.dim() > 1]
@@ -176,12 +230,15 @@ class Distill(Pass):
                 if step >= total:
                     break
                 for i, batch in enumerate(train_batches):
+                    batch = _share(batch, rank, size)
+                    if batch is None:  # fewer rows than processes: every rank skips it alike
+                        continue
                     inputs = inputs_for(student.module, batch.inputs, device)
                     if "attention_mask" in inputs:
-                        tokens += int(inputs["attention_mask"].sum())
+                        tokens += int(inputs["attention_mask"].sum()) * size
                     labels = batch.labels.to(device) if batch.labels is not None and not causal else None
                     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                        loss = self._loss(teacher.module, student.module, inputs, labels)
+                        loss = self._loss(teacher.module, trained, inputs, labels)
                     (loss / cfg.gradient_accumulation).backward()
                     if (i + 1) % cfg.gradient_accumulation:
                         continue
@@ -195,7 +252,7 @@ class Distill(Pass):
                     step += 1
                     if pruner is not None and pruner.due(step, total):
                         masks = _combine(masks, pruner.update(student.module, step, total))
-                    losses.append(float(loss.detach()))
+                    losses.append(_mean_over_ranks(loss.detach(), size))
                     rate = tokens / max(time.perf_counter() - start, 1e-9)
                     bar.update(1, loss=losses[-1], epoch=epoch + 1, **({"tokens_per_s": rate} if tokens else {}))
                     if step >= total:
@@ -214,6 +271,8 @@ class Distill(Pass):
         student.module.eval().cpu()
         violations = sum(int((every[n].detach().cpu()[~m.cpu()] != 0).sum()) for n, m in masks.items())
         seconds = time.perf_counter() - start
+        if size > 1:
+            ctx.metrics.update(distill_processes=size, distill_backend=_backend(device))
         if tokens:
             ctx.metrics["distill_tokens_per_s"] = round(tokens / max(seconds, 1e-9), 1)
         ctx.metrics.update(distill_steps=step, distill_seconds=round(seconds, 2),

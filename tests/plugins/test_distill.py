@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from optitool_distill.distill import Distill
 
@@ -229,3 +231,34 @@ def test_the_default_teacher_after_pruning_is_the_model_before_it(tmp_path, opti
                '[[passes]]\npass = "distill"\nname = "recover"\nmax_steps = 1\nbatch_size = 4\n')
     stages = {s["name"]: s["metrics"] for s in run_snippet(snippet, tmp_path).report["stages"]}
     assert stages["tune"]["teacher"] == "baseline" and stages["recover"]["teacher"] == "tune"
+
+
+def test_distill_on_two_processes_under_torchrun_trains_like_one(tmp_path, optitool_text_folder):
+    """processes = 2: `optitool run` starts itself under torchrun, each rank trains on its half of every batch
+    (gloo), gradients are averaged, rank 0 writes the run: the same losses and model as one process."""
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=20)
+    snippet = (f'seed = 1\n[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nenabled = false\n'
+               f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nlabel_field = ""\n'
+               'splits = { train = 0.6, eval = 0.4 }\n[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n'
+               '[[passes]]\npass = "distill"\nmax_steps = 2\nbatch_size = 8\nlr = 0.01\nwarmup_ratio = 0.0\n'
+               'keep_best = false\nprocesses = {n}\n')
+    metrics = {}
+    for n in (1, 2):
+        (tmp_path / f"p{n}.toml").write_text(snippet.replace("{n}", str(n)))
+        result = CliRunner().invoke(cli, ["run", str(tmp_path / f"p{n}.toml"), "-o", str(tmp_path / f"r{n}"),
+                                          "--quiet"])
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / f"r{n}" / "report.json").read_text())
+        metrics[n] = report["stages"][-1]["metrics"]
+    assert metrics[2]["distill_processes"] == 2 and metrics[2]["distill_backend"] == "gloo"
+    assert "distill_processes" not in metrics[1]
+    assert metrics[2]["distill_steps"] == metrics[1]["distill_steps"] == 2
+    assert metrics[2]["distill_loss_first"] == pytest.approx(metrics[1]["distill_loss_first"], rel=1e-4)
+    assert metrics[2]["distill_loss_last"] == pytest.approx(metrics[1]["distill_loss_last"], rel=1e-3)
+    assert metrics[2]["perplexity"] == pytest.approx(metrics[1]["perplexity"], rel=1e-3)
+    assert metrics[2]["mask_violations"] == 0
