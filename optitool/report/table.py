@@ -33,6 +33,12 @@ def quality_key(report: dict[str, Any]) -> str:
                 "fidelity")
 
 
+def fmt_ratio(value: float) -> str:
+    """Two decimals where they matter (0.97x, 1.55x), three significant digits beyond (12.4x, 347x): a
+    ratio measured on a busy machine must not widen the column until stage names no longer fit."""
+    return f"{value:.2f}" if value < 10 else f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+
+
 def fmt_ms(value: float) -> str:
     """Milliseconds with the digits that mean something at that size."""
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
@@ -71,7 +77,7 @@ def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 spread = b.get("mad_ms", b.get("std_ms", 0.0))
                 sp = b.get("speedup_vs_baseline")
                 row += [f"{fmt_ms(b['median_ms'])} ±{fmt_ms(spread)}",
-                        "-" if not sp else f"{sp['ratio']:.2f}x [{sp['low']:.2f}-{sp['high']:.2f}]"]
+                        "-" if not sp else f"{fmt_ratio(sp['ratio'])}x [{fmt_ratio(sp['low'])}-{fmt_ratio(sp['high'])}]"]
             flags = len(stage.get("flags", [])) if first else 0
             row.append(f"!{flags}" if flags else "")
             rows.append(row)
