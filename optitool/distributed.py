@@ -19,4 +19,6 @@ def relaunch(processes: int, cli_args: list[str]) -> int:
     """Run `optitool <cli_args>` under torchrun with `processes` processes on this machine; its exit code."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "optitool.cli", *cli_args]
-    return subprocess.run(command, check=False).returncode
+    # torch's C++ warnings (DDP's notes on unused parameters) write to the terminal past run.log
+    env = {"TORCH_CPP_LOG_LEVEL": "ERROR", **os.environ}
+    return subprocess.run(command, check=False, env=env).returncode

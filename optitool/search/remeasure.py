@@ -33,8 +33,9 @@ def remeasure(spec: PipelineSpec, registry: Registry, trials: dict[str, Path], d
 
     log = logging.getLogger("optitool.search")
     baseline, inputs = load_model_and_inputs(spec, registry)
-    targets = [BenchTarget("baseline", baseline, {"name": "baseline", "metrics": {}, "benchmarks": [],
-                                                  "flags": []}, None)]
+    first = json.loads((next(iter(trials.values())) / "report.json").read_text())["stages"][0] if trials else {}
+    targets = [BenchTarget("baseline", baseline, {"name": "baseline", "metrics": dict(first.get("metrics", {})),
+                                                  "benchmarks": [], "flags": []}, None)]
     loaders = registry.loader_view()
     for name, trial_folder in trials.items():
         folder, stage = final_stage_folder(trial_folder)

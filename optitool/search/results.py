@@ -81,7 +81,7 @@ def write_results(folder: Path, name: str, search: SearchSpec, trials: list[Tria
     if records:
         from optitool.report.plots import write_plots
 
-        plots = write_plots({"name": f"{name}: Pareto candidates re-measured", "stages": records},
+        plots = write_plots({"name": f"{name}: candidates re-measured", "stages": records},
                             folder / "plots")
         result["plots"] = [str(p.relative_to(folder)) for p in plots]
         atomic.write_json(folder / "search.json", result)

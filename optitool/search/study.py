@@ -39,8 +39,15 @@ def _sampler(search: SearchSpec, seed: int) -> Any:
     if search.sampler in ("grid", "random"):  # a grid's points are queued by `next_grid_point`
         return optuna.samplers.RandomSampler(seed=seed)
     startup = max(3, min(10, (search.trials or 30) // 3))  # a short search must still get past random start
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                      constraints_func=_constraints)
+    # the budget is the constraint: Optuna 5 takes it from each trial (set_constraint), 4 from a function
+    constraints = {} if _trial_constraints() else {"constraints_func": _constraints}
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, **constraints)
+
+
+def _trial_constraints() -> bool:
+    import optuna
+
+    return hasattr(optuna.trial.Trial, "set_constraint")
 
 
 def _constraints(trial: Any) -> list[float]:
@@ -116,6 +123,8 @@ def tell(study: Any, trial: Any, outcome: Outcome, folder: Path, search: SearchS
     trial.set_user_attr("error", outcome.error)
     trial.set_user_attr("budget", outcome.budget)
     trial.set_user_attr("metrics", {k: v for k, v in outcome.metrics.items() if isinstance(v, int | float | str)})
+    if _trial_constraints():
+        trial.set_constraint("budget", 0.0 if outcome.status == "feasible" else 1.0)
     if outcome.status == "failed":
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     else:
