@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from optitool.errors import ConfigError
 from optitool.passes import Pass, PassConfig
 from optitool.registry import Registry
-from optitool.search.spec import SearchSpec, check_search, parse_search
+from optitool.search.spec import PARAMETER, Range, SearchSpec, set_parameter
 from optitool.spec import BenchmarkSpec, BudgetSpec, DataSpec, ModelSpec, OutputSpec
 
 if sys.version_info >= (3, 11):
@@ -225,9 +225,9 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
                 except ConfigError as exc:
                     raise ConfigError(f"{where}: passes[{spec.index}] (pass {spec.pass_name!r}): {exc}") from None
     _check_data_needs(passes, registry, data, where)
-    search = parse_search(raw, where)
+    search = _parse_search(raw, where)
     if search is not None:
-        check_search(search, raw, registry, base_dir, where, source)
+        _check_search(search, raw, registry, base_dir, where, source)
     spec = PipelineSpec(name=name, seed=seed, model=model, data=data, passes=passes, benchmark=benchmark,
                         budget=budget, output=output, search=search, base_dir=base_dir, source=source, raw=raw)
     if data is not None:
@@ -456,3 +456,50 @@ def _check_runtimes(benchmark: BenchmarkSpec, registry: Registry, where: str) ->
         if name not in registry.runtimes:
             raise ConfigError(f"{where}: [benchmark].runtimes names {name!r}, which is not a known runtime; "
                               f"known: {', '.join(sorted(registry.runtimes))}")
+
+
+def _parse_search(raw: dict[str, Any], where: str) -> SearchSpec | None:
+    table = raw.get("search")
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [search] must be a table")
+    try:
+        return SearchSpec.model_validate(table)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where, ("search",))) from None
+
+
+def _check_search(search: SearchSpec, raw: dict[str, Any], registry: Registry, base_dir: Path, where: str,
+                 source: Path | None) -> None:
+    """Every parameter names an existing pass setting, and the pipeline with each of its values (both ends
+    of a range) is valid; the objectives can be measured."""
+    passes = raw.get("passes", [])
+    base = {k: v for k, v in raw.items() if k != "search"}
+    for key, value in search.parameters.items():
+        here = f"{where}: [search] parameters {key!r}"
+        match = PARAMETER.match(key)
+        if not match:
+            raise ConfigError(f"{here}: a parameter is a pass setting written passes.N.setting (N from 0), "
+                              "for example \"passes.0.sparsity\"")
+        index, setting = int(match[1]), match[2]
+        if index >= len(passes) or not isinstance(passes[index], dict):
+            raise ConfigError(f"{here}: the pipeline has {len(passes)} passes (numbered from 0)")
+        name = passes[index].get("pass")
+        known = set(registry.pass_class(name).Config.model_fields) | {"enabled"} if name in registry.passes else set()
+        if known and setting not in known:
+            raise ConfigError(f"{here}: pass {name!r} has no setting {setting!r}; it has "
+                              f"{', '.join(sorted(known))}")
+        if search.sampler == "grid" and isinstance(value, Range) and value.step is None:
+            raise ConfigError(f"{here}: a range in a grid search needs a step")
+        for candidate in (value.ends() if isinstance(value, Range) else value):
+            trial = copy.deepcopy(base)
+            set_parameter(trial, key, candidate)
+            try:
+                build_spec(trial, registry, base_dir=base_dir, source=source, where=where)
+            except ConfigError as exc:
+                raise ConfigError(f"{here}: the value {candidate!r} is refused: {exc}") from None
+    bench = raw.get("benchmark", {})
+    if "latency_ms" in search.objectives and isinstance(bench, dict) and bench.get("enabled") is False:
+        raise ConfigError(f"{where}: [search] objective 'latency_ms' needs the benchmark; [benchmark] "
+                          "enabled = false")

@@ -1,20 +1,13 @@
 """The `[search]` table: which pipeline keys vary, what is optimised, how trials are drawn. Checked with the
-rest of the pipeline (by `validate`, before any model loads): every parameter must name a pass setting and
-every value it can take must be one that pass's Config accepts."""
+rest of the pipeline by optitool.config (by `validate`, before any model loads): every parameter must name a
+pass setting and every value it can take must be one that pass's Config accepts."""
 
 from __future__ import annotations
 
-import copy
 import re
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from optitool.errors import ConfigError
-
-if TYPE_CHECKING:
-    from optitool.registry import Registry
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PARAMETER = re.compile(r"^passes\.(\d+)\.([A-Za-z_]\w*)$")
 BUILTIN_OBJECTIVES = ("latency_ms", "size_mb")
@@ -85,59 +78,8 @@ class SearchSpec(BaseModel):
         return {k: (v.grid() if isinstance(v, Range) else list(v)) for k, v in self.parameters.items()}
 
 
-def parse_search(raw: dict[str, Any], where: str) -> SearchSpec | None:
-    from optitool.config import format_validation_error
-
-    table = raw.get("search")
-    if table is None:
-        return None
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: [search] must be a table")
-    try:
-        return SearchSpec.model_validate(table)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, where, ("search",))) from None
-
-
 def set_parameter(raw: dict[str, Any], key: str, value: Any) -> None:
     """Put one trial's value into a raw pipeline (a `passes.N.setting` key)."""
     match = PARAMETER.match(key)
     assert match is not None
     raw["passes"][int(match[1])][match[2]] = value
-
-
-def check_search(search: SearchSpec, raw: dict[str, Any], registry: Registry, base_dir: Path, where: str,
-                 source: Path | None) -> None:
-    """Every parameter names an existing pass setting, and the pipeline with each of its values (both ends
-    of a range) is valid; the objectives can be measured."""
-    from optitool.config import build_spec
-
-    passes = raw.get("passes", [])
-    base = {k: v for k, v in raw.items() if k != "search"}
-    for key, value in search.parameters.items():
-        here = f"{where}: [search] parameters {key!r}"
-        match = PARAMETER.match(key)
-        if not match:
-            raise ConfigError(f"{here}: a parameter is a pass setting written passes.N.setting (N from 0), "
-                              "for example \"passes.0.sparsity\"")
-        index, setting = int(match[1]), match[2]
-        if index >= len(passes) or not isinstance(passes[index], dict):
-            raise ConfigError(f"{here}: the pipeline has {len(passes)} passes (numbered from 0)")
-        name = passes[index].get("pass")
-        known = set(registry.pass_class(name).Config.model_fields) | {"enabled"} if name in registry.passes else set()
-        if known and setting not in known:
-            raise ConfigError(f"{here}: pass {name!r} has no setting {setting!r}; it has "
-                              f"{', '.join(sorted(known))}")
-        if search.sampler == "grid" and isinstance(value, Range) and value.step is None:
-            raise ConfigError(f"{here}: a range in a grid search needs a step")
-        for candidate in (value.ends() if isinstance(value, Range) else value):
-            trial = copy.deepcopy(base)
-            set_parameter(trial, key, candidate)
-            try:
-                build_spec(trial, registry, base_dir=base_dir, source=source, where=where)
-            except ConfigError as exc:
-                raise ConfigError(f"{here}: the value {candidate!r} is refused: {exc}") from None
-    bench = raw.get("benchmark", {})
-    if "latency_ms" in search.objectives and isinstance(bench, dict) and bench.get("enabled") is False:
-        raise ConfigError(f"{where}: [search] objective 'latency_ms' needs the benchmark; [benchmark] "
-                          "enabled = false")
