@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from optitool.errors import ConfigError
 from optitool.passes import Pass, PassConfig
 from optitool.registry import Registry
-from optitool.search.spec import PARAMETER, Range, SearchSpec, set_parameter
+from optitool.search.spec import PARAMETER, STAGE_OBJECTIVES, Range, SearchSpec, set_parameter
 from optitool.spec import BenchmarkSpec, BudgetSpec, DataSpec, ModelSpec, OutputSpec
 
 if sys.version_info >= (3, 11):
@@ -499,6 +499,11 @@ def _check_search(search: SearchSpec, raw: dict[str, Any], registry: Registry, b
                 build_spec(trial, registry, base_dir=base_dir, source=source, where=where)
             except ConfigError as exc:
                 raise ConfigError(f"{here}: the value {candidate!r} is refused: {exc}") from None
+    known = sorted({*STAGE_OBJECTIVES, *registry.metrics})
+    unknown = [name for name in search.objectives if name not in known]
+    if unknown:
+        raise ConfigError(f"{where}: [search] objective {unknown[0]!r} is no metric a stage reports; objectives "
+                          f"name one of {', '.join(known)}")
     bench = raw.get("benchmark", {})
     if "latency_ms" in search.objectives and isinstance(bench, dict) and bench.get("enabled") is False:
         raise ConfigError(f"{where}: [search] objective 'latency_ms' needs the benchmark; [benchmark] "

@@ -171,6 +171,13 @@ def test_a_bad_search_spec_exits_2_and_writes_nothing(tmp_path, change, message)
     assert not (tmp_path / "s").exists()
 
 
+def test_a_misspelt_objective_exits_2_before_any_trial(tmp_path):
+    (tmp_path / "p.toml").write_text(PIPELINE.replace('fidelity = "maximize"', 'fidelty = "maximize"'))
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "p.toml"), "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "objective 'fidelty' is no metric" in result.output, result.output
+    assert not (tmp_path / "s").exists()
+
+
 def test_search_without_a_search_table_or_length_is_a_usage_error(tmp_path):
     (tmp_path / "p.toml").write_text(PIPELINE.split("[search]")[0])
     result = CliRunner().invoke(cli, ["search", str(tmp_path / "p.toml"), "-o", str(tmp_path / "s")])
