@@ -134,16 +134,8 @@ def run(ctx: click.Context, pipeline: str, output: str | None, device: str, over
     from optitool.report.table import budget_lines, terminal_table
     from optitool.runner import Runner, prepare_run_dir
 
-    plugins, spec, _ = _spec(ctx, pipeline, overrides, output)
-    run_dir = prepare_run_dir(spec, output, overwrite)
+    plugins, spec, run_dir = _spec(ctx, pipeline, overrides, output)
     rank, size = world()
-    processes = max([p.make(plugins.registry).processes() for p in spec.active_passes] + [1])
-    if processes > 1 and size == 1:
-        args = ["run", pipeline, "--output", str(run_dir), "--device", device, *sum((["--set", o] for o in overrides), [])]
-        args += [flag for flag, on in (("--overwrite", overwrite), ("--no-benchmark", no_benchmark), ("--quiet", quiet),
-                                       ("--verbose", verbose)) if on] + (["--cache", cache] if cache else [])
-        click.echo(f"a pass trains on {processes} processes: running under torchrun", err=True)
-        ctx.exit(relaunch(processes, args))
     if rank > 0:  # rank 0 writes the run; the others follow the same chain in a folder of their own
         import shutil
         import tempfile
@@ -154,6 +146,21 @@ def run(ctx: click.Context, pipeline: str, output: str | None, device: str, over
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return
+    run_dir = prepare_run_dir(spec, output, overwrite)
+    processes = max([p.make(plugins.registry).processes() for p in spec.active_passes] + [1])
+    if processes > 1 and size == 1:
+        root = ctx.find_root()
+        args = [*(["--debug"] if root.params.get("debug") else []),
+                *sum((["--block", b] for b in root.obj["blocked"]), []),
+                "run", pipeline, "--output", str(run_dir), "--device", device,
+                *sum((["--set", o] for o in overrides), [])]
+        args += [flag for flag, on in (("--overwrite", overwrite), ("--no-benchmark", no_benchmark), ("--quiet", quiet),
+                                       ("--verbose", verbose)) if on] + (["--cache", cache] if cache else [])
+        click.echo(f"a pass trains on {processes} processes: running under torchrun", err=True)
+        ctx.exit(relaunch(processes, args))
+    if size > 1 and cache:  # a rank taking a stage from the cache would leave the others waiting in training
+        click.echo("optitool: warning: the stage cache is not used under torchrun", err=True)
+        cache = None
     result = Runner(spec, plugins, run_dir, device=device, overwrite=overwrite, quiet=quiet,
                     benchmark=not no_benchmark, verbose=verbose, cache=Path(cache) if cache else None).run()
     report = result.report
