@@ -16,14 +16,13 @@ from optitool.search.study import TrialRecord
 
 
 def remeasured_latency(record: dict[str, Any], shape: str | None) -> dict[str, Any] | None:
-    from optitool.search.trial import final_latency
+    from optitool.search.trial import latency_entry
 
-    median = final_latency(record, shape)
-    if median is None:
+    entry = latency_entry(record, shape)
+    if entry is None:
         return None
-    entry = next(b for b in record["benchmarks"] if b.get("median_ms") == median)
     speedup = entry.get("speedup_vs_baseline") or {}
-    return {"median_ms": round(median, 4), "mad_ms": entry.get("mad_ms"), "shape": entry.get("shape"),
+    return {"median_ms": round(entry["median_ms"], 4), "mad_ms": entry.get("mad_ms"), "shape": entry.get("shape"),
             "runtime": entry.get("runtime"), "speedup": speedup.get("ratio"),
             "speedup_low": speedup.get("low"), "speedup_high": speedup.get("high"),
             "quiet": entry.get("load", {}).get("quiet")}

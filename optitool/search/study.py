@@ -98,12 +98,12 @@ def check_same_pipeline(folder: Path, pipeline_text: str) -> None:
 
 
 def requeue_interrupted(study: Any) -> int:
-    """Trials a killed search left RUNNING are marked failed (interrupted) and queued again with their values."""
+    """Trials a killed search left RUNNING are ended as failed without an outcome (shown as interrupted) and
+    queued again with their values."""
     import optuna
 
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in stale:
-        study._storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(trial.params, skip_if_exists=False)
     return len(stale)
@@ -134,7 +134,7 @@ def tell(study: Any, trial: Any, outcome: Outcome, folder: Path, search: SearchS
 def records(study: Any) -> list[TrialRecord]:
     out = []
     for t in study.get_trials(deepcopy=False):
-        status = t.user_attrs.get("status", "running" if not t.state.is_finished() else "failed")
+        status = t.user_attrs.get("status", "interrupted" if t.state.is_finished() else "running")
         values = dict(zip(study.user_attrs.get("objectives", []), t.values or [], strict=False))
         out.append(TrialRecord(t.number, dict(t.params), status, values, t.user_attrs.get("folder", ""),
                                t.user_attrs.get("error"), t.user_attrs.get("budget", []),

@@ -60,14 +60,14 @@ def run_trial(pipeline: Path, params: dict[str, Any], folder: Path, cache: Path 
     return code, log.read_text(encoding="utf-8", errors="replace")[-2000:]
 
 
-def final_latency(stage: dict[str, Any], shape: str | None) -> float | None:
-    """The median latency of the final stage at `shape` (default: its first measured entry); for a language
-    model the decode time per token."""
+def latency_entry(stage: dict[str, Any], shape: str | None) -> dict[str, Any] | None:
+    """The benchmark entry of a stage at `shape` (default: its first measured one) that the latency
+    objective reads; for a language model the decode time per token."""
     entries = [b for b in stage.get("benchmarks", []) if "median_ms" in b and (
         shape is None or b.get("shape") == shape or str(b.get("shape", "")).startswith(f"{shape} "))]
     decode = [b for b in entries if b.get("measure") == "decode"]
     chosen = (decode or entries)[:1]
-    return float(chosen[0]["median_ms"]) if chosen else None
+    return chosen[0] if chosen else None
 
 
 def read_outcome(folder: Path, code: int, output: str, search: SearchSpec) -> Outcome:
@@ -82,7 +82,8 @@ def read_outcome(folder: Path, code: int, output: str, search: SearchSpec) -> Ou
     values: dict[str, float] = {}
     for name in search.objectives:
         if name == "latency_ms":
-            value = final_latency(stage, search.latency_shape)
+            entry = latency_entry(stage, search.latency_shape)
+            value = entry["median_ms"] if entry else None
         elif name == "size_mb":
             value = metrics["size_bytes"] / 1e6 if "size_bytes" in metrics else None
         else:
