@@ -111,21 +111,10 @@ class Layout:
     def config(self) -> Any:
         return getattr(self.module, "config", None)
 
-    def part(self, block: Any, path: str) -> Any:
-        return block.get_submodule(path)
-
     def head_dim(self) -> int:
         if self.architecture.head_dim is None or self.config is None:
             raise PassError(f"the {self.architecture.family} layout does not say its head size")
         return self.architecture.head_dim(self.config)
-
-    def head_module(self) -> Any:
-        head = self.architecture.head
-        return getattr(self.module, head, None) if head else None
-
-    def embedding_modules(self) -> list[Any]:
-        wanted = self.architecture.embeddings
-        return [m for name, m in self.module.named_modules() if name.rpartition(".")[2] in wanted]
 
     def set_config(self, role: str, value: Any) -> dict[str, Any]:
         """Set the config field of `role` (when the family names one); returns {field: value} to record."""
