@@ -15,6 +15,7 @@ from optitool.architectures import Architecture, Layout, keep_blocks
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.bench.runtimes import Runtime
 from optitool.data.inputs import Batch, InputSource
+from optitool.distributed import torchrun_world
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
 from optitool.execution import Executor, call_module, inputs_for, main_output, pooled
 from optitool.lm import greedy_with_cache, is_causal_lm, token_blocks
@@ -81,4 +82,5 @@ __all__ = [
     "pooled",
     "save_onnx",
     "token_blocks",
+    "torchrun_world",
 ]

@@ -130,12 +130,12 @@ def _spec(ctx: click.Context, pipeline: str, overrides: tuple[str, ...], output:
 def run(ctx: click.Context, pipeline: str, output: str | None, device: str, overrides: tuple[str, ...],
         overwrite: bool, no_benchmark: bool, quiet: bool, verbose: bool, cache: str | None) -> None:
     """Run PIPELINE: load the model, run the passes, evaluate, benchmark, write the report."""
-    from optitool.distributed import relaunch, world
+    from optitool.distributed import relaunch, torchrun_world
     from optitool.report.table import budget_lines, terminal_table
     from optitool.runner import Runner, prepare_run_dir
 
     plugins, spec, run_dir = _spec(ctx, pipeline, overrides, output)
-    rank, size = world()
+    rank, size = torchrun_world()
     if rank > 0:  # rank 0 writes the run; the others follow the same chain in a folder of their own
         import shutil
         import tempfile

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 
-def world() -> tuple[int, int]:
+def torchrun_world() -> tuple[int, int]:
     """(rank, world size) of this process as torchrun set them; (0, 1) outside torchrun."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 

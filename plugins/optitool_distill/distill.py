@@ -27,6 +27,7 @@ from optitool import (
     main_output,
     pooled,
     token_blocks,
+    torchrun_world,
 )
 
 
@@ -78,12 +79,6 @@ def _combine(masks: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     for name, mask in new.items():
         out[name] = out[name] & mask.to(out[name].device) if name in out else mask
     return out
-
-
-def _world() -> tuple[int, int]:
-    import os
-
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _backend(device: str) -> str:
@@ -203,7 +198,7 @@ class Distill(Pass):
                                ", ".join(dropped))
         causal = is_causal_lm(student)
         train_batches = self._train_batches(ctx, causal)
-        rank, size = _world()
+        rank, size = torchrun_world()
         trained = _distributed(student.module, device) if size > 1 else student.module
         steps_per_epoch = math.ceil(len(train_batches) / cfg.gradient_accumulation)
         total = min(cfg.max_steps or 10**9, steps_per_epoch * cfg.epochs)
