@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,9 @@ def run_search(spec: PipelineSpec, registry: Any, folder: Path, *, executor: str
     measured: list[dict[str, Any]] = []
     if front and spec.benchmark.enabled:
         say(f"re-measuring {len(front)} Pareto candidate(s) and the baseline side by side")
-        measured = remeasure(spec, registry, {f"trial {t.number}": Path(t.folder) for t in front},
-                             _device(device, spec))
+        with _library_output_in(folder / "remeasure.log"):
+            measured = remeasure(spec, registry, {f"trial {t.number}": Path(t.folder) for t in front},
+                                 _device(device, spec))
         for t, record in zip(front, measured[1:], strict=True):
             remeasured[t.number] = remeasured_latency(record, search.latency_shape)
     best = choose_best(front, remeasured, search)
@@ -64,6 +66,27 @@ def run_search(spec: PipelineSpec, registry: Any, folder: Path, *, executor: str
     env = describe(spec.benchmark.threads or None)
     machine = f"Machine: {env.get('cpu', '?')}, {env.get('cpu_count', '?')} cores, device {_device(device, spec)}."
     return write_results(folder, spec.name, search, trials, front, remeasured, best, measured, text, machine)
+
+
+@contextmanager
+def _library_output_in(path: Path) -> Iterator[None]:
+    """What the libraries print while the front is loaded and timed goes to a log file, as in a run."""
+    import logging
+
+    from optitool.report.console import library_output_to_log
+
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    library = logging.getLogger("optitool.library")
+    library.addHandler(handler)
+    library.propagate = False
+    try:
+        with library_output_to_log(library, verbose=False):
+            yield
+    finally:
+        library.removeHandler(handler)
+        library.propagate = True
+        handler.close()
 
 
 def _device(device: str, spec: PipelineSpec) -> str:
