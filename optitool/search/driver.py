@@ -79,13 +79,15 @@ def _library_output_in(path: Path) -> Iterator[None]:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     library = logging.getLogger("optitool.library")
     library.addHandler(handler)
-    library.propagate = False
+    library.propagate, level = False, library.level
+    library.setLevel(logging.INFO)
     try:
         with library_output_to_log(library, verbose=False):
             yield
     finally:
         library.removeHandler(handler)
         library.propagate = True
+        library.setLevel(level)
         handler.close()
 
 
