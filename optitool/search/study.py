@@ -180,6 +180,14 @@ def next_grid_point(study: Any, search: SearchSpec) -> dict[str, Any] | None:
     return None
 
 
+def _waiting(study: Any) -> bool:
+    """Whether a queued trial (an interrupted one queued again) is waiting: `ask` takes it before any point
+    queued after it, so queuing another grid point then would leave that point waiting forever."""
+    import optuna
+
+    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
 def search_loop(study: Any, search: SearchSpec, executor: Any, say: Callable[[str], None]) -> None:
     """Ask for trials until the trial count, the time budget or the grid is used up, keeping the executor
     as busy as it can be (`executor.capacity` trials at once); tell the study each outcome as it comes."""
@@ -193,7 +201,7 @@ def search_loop(study: Any, search: SearchSpec, executor: Any, say: Callable[[st
     in_flight: dict[int, tuple[Any, Path]] = {}
     while True:
         while len(in_flight) < executor.capacity and done + len(in_flight) < total and time.monotonic() < deadline:
-            if search.sampler == "grid":
+            if search.sampler == "grid":  # a trial queued again goes first
                 point = next_grid_point(study, search)
                 if point is None:
                     break
