@@ -4,16 +4,15 @@ same export, the same pruning before different quantizations) compute it once.
 A stage's key hashes everything its result depends on: the model's identity (the content of the files it is
 loaded from), the data and seed, the device, every pass up to it with its resolved settings, and the plugins
 and versions that provide them. An entry is a folder written aside and renamed into place, with a manifest
-(sizes and SHA-256 of its files) written last: a partial or corrupted entry fails the check and is never used.
+(sizes and SHA-256 of its files, the stage record, and a digest over all of it) written last: a partial,
+corrupted or edited entry fails the check and is never used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,36 +42,128 @@ def files_digest(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def model_identity(model_table: dict[str, Any], base_dir: Path) -> str:
-    """The `[model]` table with the content of every file or folder it names (paths, checkpoints; a Python
-    factory's module file), so an edited checkpoint is a different model."""
+LIBRARIES = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai",
+             "onnxruntime-genai-cuda", "transformers", "tokenizers", "safetensors", "optimum", "optimum-onnx",
+             "gguf", "accelerate", "torchao")
+MAX_CODE_FILES = 2000  # a package larger than this is known by its distribution's version instead
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed version of every library a stage's result can depend on (None: not installed), read
+    from package metadata without importing anything."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def code_digest(file: str | Path | None) -> str:
+    """The source a module runs: its package's Python files (every module of the top-level package, so an
+    edited helper the module imports counts), or the single file of a top-level module. A package too large to
+    read on every run is known by its distribution's version."""
+    if file is None:
+        return ""
+    path = Path(file).resolve()
+    root = path.parent if path.name == "__init__.py" else path
+    while root.parent.joinpath("__init__.py").is_file():  # up to the top-level package
+        root = root.parent
+    if root.is_file():
+        return files_digest([root])
+    sources = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+    if len(sources) > MAX_CODE_FILES:
+        from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+        names = packages_distributions().get(root.name, [])
+        try:
+            return f"{root.name}=={version(names[0])}" if names else f"{root.name}:{len(sources)} files"
+        except PackageNotFoundError:
+            return f"{root.name}:{len(sources)} files"
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(str(source.relative_to(root)).encode())
+        digest.update(file_digest(source).encode())
+    return digest.hexdigest()
+
+
+def reference_file(reference: str, base_dir: Path, where: str) -> Path | None:
+    """The file a `module:callable` or `file.py:callable` reference names, found as the import would find
+    it (the pipeline's folder first), without importing it; None when it cannot be found."""
+    import importlib.util
+    import sys
+
     from optitool.paths import resolve_path
 
-    named: list[Path] = []
-    for key, value in sorted(model_table.items()):
-        if isinstance(value, str) and key in ("path", "checkpoint", "file", "gguf_file"):
-            path = resolve_path(value, base_dir, where="[model]")
+    module_name = reference.partition(":")[0]
+    if module_name.endswith(".py"):
+        path = resolve_path(module_name, base_dir, where=where)
+        return path if path.is_file() else None
+    sys.path.insert(0, str(base_dir))
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        sys.path.remove(str(base_dir))
+    return Path(found.origin) if found is not None and found.origin and Path(found.origin).is_file() else None
+
+
+def _named_files(table: dict[str, Any], keys: tuple[str, ...], base_dir: Path, where: str) -> list[Path]:
+    from optitool.paths import resolve_path
+
+    named = []
+    for key in keys:
+        value = table.get(key)
+        if isinstance(value, str) and value:
+            path = resolve_path(value, base_dir, where=where)
             if path.exists():
                 named.append(path)
-    factory = model_table.get("factory")
-    if isinstance(factory, str) and ":" in factory:
-        import importlib.util
+    return named
 
-        try:
-            found = importlib.util.find_spec(factory.partition(":")[0])
-        except (ImportError, ValueError):
-            found = None
-        if found is not None and found.origin and Path(found.origin).is_file():
-            named.append(Path(found.origin))
-    return hashlib.sha256((json.dumps(model_table, sort_keys=True, default=str) + files_digest(named)).encode()
-                          ).hexdigest()
+
+def model_identity(model_table: dict[str, Any], base_dir: Path) -> str:
+    """The `[model]` table with the content of every file or folder it names (paths, checkpoints) and the
+    source of a Python factory, so an edited checkpoint or factory is a different model."""
+    named = _named_files(model_table, ("path", "checkpoint", "file", "gguf_file"), base_dir, "[model]")
+    factory = model_table.get("factory")
+    code = ""
+    if isinstance(factory, str) and ":" in factory:
+        code = code_digest(reference_file(factory, base_dir, "[model].factory"))
+    return hashlib.sha256((json.dumps(model_table, sort_keys=True, default=str) + files_digest(named) + code
+                           ).encode()).hexdigest()
+
+
+def data_identity(data_table: dict[str, Any] | None, base_dir: Path) -> str | None:
+    """The `[data]` table with the content of the files it reads (a folder, a jsonl/csv/parquet file, a saved
+    dataset) and the source of a Python data function: other texts under the same names are other data."""
+    if data_table is None:
+        return None
+    named = _named_files(data_table, ("path",), base_dir, "[data].path")
+    function = data_table.get("function")
+    code = ""
+    if isinstance(function, str) and ":" in function:
+        code = code_digest(reference_file(function, base_dir, "[data].function"))
+    return hashlib.sha256((json.dumps(data_table, sort_keys=True, default=str) + files_digest(named) + code
+                           ).encode()).hexdigest()
 
 
 def stage_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _record_digest(key: str, files: dict[str, Any], record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({"key": key, "files": files, "record": record}, sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
 class StageCache:
+    """Entries are folders `<root>/<key[:2]>/<key>`; each is written once, under an flock beside it, by the first
+    process that needs it; a process that finds it being written waits and then takes the finished entry."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
 
@@ -80,47 +171,51 @@ class StageCache:
         return self.root / key[:2] / key
 
     def lookup(self, key: str) -> tuple[Path, dict[str, Any]] | None:
-        """The entry's folder and stage record, if the entry is complete and every file checks out."""
+        """The entry's folder and stage record, if the entry is complete and everything it holds (every file,
+        the record, the key) checks out against the digest written last."""
         entry = self._entry(key)
         manifest_path = entry / MANIFEST
         if not manifest_path.is_file():
             return None
         try:
             manifest = json.loads(manifest_path.read_text())
-            for name, (size, digest) in manifest["files"].items():
+            files, record = manifest["files"], manifest["record"]
+            if manifest["key"] != key or manifest["digest"] != _record_digest(key, files, record):
+                return None
+            on_disk = {str(p.relative_to(entry)) for p in entry.rglob("*") if p.is_file()} - {MANIFEST}
+            if on_disk != set(files):
+                return None
+            for name, (size, digest) in files.items():
                 path = entry / name
                 if not path.is_file() or path.stat().st_size != size or file_digest(path) != digest:
                     return None
-            return entry, manifest["record"]
+            return entry, record
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def store(self, key: str, stage_folder: Path, record: dict[str, Any], masks: dict[str, Any]) -> None:
-        """Copy a saved stage (and its pruning masks) into the cache, all or nothing."""
-        entry = self._entry(key)
-        if self.lookup(key) is not None:
-            return
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key[:12]}.", suffix=".partial"))
-        try:
-            files = {}
-            for path in sorted(p for p in stage_folder.rglob("*") if p.is_file()):
-                target = tmp / path.relative_to(stage_folder)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
-            if masks:
-                from safetensors.torch import save_file
+        """Copy a saved stage (and its pruning masks) into the cache, all or nothing, once: under the entry's
+        lock, a finished entry is left as it is; only a broken one is replaced."""
+        from optitool.locks import FileLock
 
-                save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / MASKS))
-            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                files[str(path.relative_to(tmp))] = [path.stat().st_size, file_digest(path)]
-            atomic.write_json(tmp / MANIFEST, {"key": key, "files": files, "record": record})
-            if entry.exists():  # a broken entry (it failed lookup) is replaced
-                shutil.rmtree(entry)
-            os.replace(tmp, entry)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        entry = self._entry(key)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(entry.parent / f".{key}.lock"):
+            if self.lookup(key) is not None:
+                return
+            with atomic.staging_dir(entry) as tmp:  # made with the umask's permissions, like run folders
+                for path in sorted(p for p in stage_folder.rglob("*") if p.is_file()):
+                    target = tmp / path.relative_to(stage_folder)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+                if masks:
+                    from safetensors.torch import save_file
+
+                    save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / MASKS))
+                files = {str(path.relative_to(tmp)): [path.stat().st_size, file_digest(path)]
+                         for path in sorted(p for p in tmp.rglob("*") if p.is_file())}
+                atomic.write_json(tmp / MANIFEST, {"key": key, "files": files, "record": record,
+                                                   "digest": _record_digest(key, files, record)})
 
     @staticmethod
     def masks(entry: Path) -> dict[str, Any]:

@@ -321,13 +321,19 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------ stage cache
     def _first_key(self, device: str) -> str:
-        from optitool.cache import model_identity, stage_key
+        """What every stage of this run depends on: the model's and the data's content (files and user code),
+        seed, device, the libraries that compute, and optitool's own code (its version never changes while
+        it is edited)."""
+        import optitool
+        from optitool.cache import code_digest, data_identity, library_versions, model_identity, stage_key
         from optitool.version import __version__
 
         spec = self.spec
+        data = spec.data.model_dump() if spec.data else None
         return stage_key({"model": model_identity(spec.model.model_dump(exclude_none=True), spec.base_dir),
-                          "data": spec.data.model_dump() if spec.data else None, "seed": spec.seed,
-                          "device": device, "optitool": __version__})
+                          "data": data_identity(data, spec.base_dir), "seed": spec.seed, "device": device,
+                          "optitool": __version__, "core": code_digest(optitool.__file__),
+                          "libraries": library_versions()})
 
     def _stage_key(self, number: int, pass_spec: Any, plugin: str) -> str | None:
         from optitool.cache import stage_key
@@ -335,10 +341,26 @@ class Runner:
         if self.cache is None or self._chain_key is None:
             return None
         settings = self.spec.resolved()["passes"][pass_spec.index]
-        version = next((i.version for i in self.plugins.infos if i.name == plugin), "")
+        info = next((i for i in self.plugins.infos if i.name == plugin), None)
         self._chain_key = stage_key({"parent": self._chain_key, "number": number, "pass": settings,
-                                     "plugin": plugin, "version": version})
+                                     "plugin": plugin, "version": info.version if info else "",
+                                     "code": self._pass_code(pass_spec.pass_name, info)})
         return self._chain_key
+
+    def _pass_code(self, pass_name: str, info: Any) -> list[str]:
+        """The source of the plugin that provides a pass and of the module that defines its class (a digest of
+        their package's files; built-in plugins keep version 0.1.0 while they are edited)."""
+        import inspect
+        import sys
+
+        from optitool.cache import code_digest
+
+        files = [getattr(sys.modules.get(info.module), "__file__", None)] if info is not None else []
+        try:
+            files.append(inspect.getfile(self.registry.passes[pass_name].obj))
+        except (TypeError, KeyError, AttributeError):
+            pass
+        return [code_digest(f) for f in dict.fromkeys(files) if f]
 
     def _restore(self, hit: tuple[Path, dict[str, Any]], pass_spec: Any, folder: Path) -> ModelArtifact:
         """A stage from the cache: its files into the run folder, its model loaded, its record marked."""
