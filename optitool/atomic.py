@@ -65,54 +65,30 @@ def staging_dir(final: Path) -> Iterator[Path]:
 
 
 class FolderLock:
-    """Only one optitool process writes a given run folder at a time.
+    """Only one optitool process writes a given run folder at a time: an flock on a file beside the folder
+    (the folder itself is replaced by --overwrite), released when the process ends however it ends."""
 
-    The lock is a file beside the folder (the folder itself is replaced by --overwrite), created
-    exclusively and holding the owner's pid; a lock left by a process that no longer exists is taken over.
-    """
+    def __init__(self, folder: Path, what: str = "run") -> None:
+        from optitool.locks import FileLock
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.path = folder.parent / f".{folder.name}.optitool-lock"
+        self.folder, self.what = folder, what
+        self.lock = FileLock(folder.parent / f".{folder.name}.optitool-lock")
 
     def __enter__(self) -> FolderLock:
         try:
             self.folder.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+            taken = self.lock.acquire(blocking=False)
+        except OSError as exc:  # e.g. under /proc, which lists folders no one may write in
             raise cannot_create(self.folder, exc) from None
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and _alive(owner):
-                    raise RunError(f"another optitool run (pid {owner}) is writing to {self.folder}; wait for it "
-                                   "or choose another folder with --output") from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            except OSError as exc:  # e.g. under /proc, which lists folders no one may write in
-                raise cannot_create(self.folder, exc) from None
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
-            return self
-        raise RunError(f"could not lock the run folder {self.folder} (lock file {self.path})")
-
-    def _owner(self) -> int | None:
-        try:
-            return int(self.path.read_text().strip() or "0") or None
-        except (OSError, ValueError):
-            return None
+        if not taken:
+            owner = self.lock.holder()
+            raise RunError(f"another optitool {self.what}{f' (pid {owner})' if owner else ''} is writing to "
+                           f"{self.folder}; wait for it or choose another folder with --output")
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._owner() == os.getpid():
-            self.path.unlink(missing_ok=True)
+        self.lock.release()
 
 
 def cannot_create(folder: Path, exc: OSError) -> ConfigError:
     return ConfigError(f"cannot create the run folder {folder}: {exc.strerror or exc}; choose another with --output")
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    return psutil.pid_exists(pid)

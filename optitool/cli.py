@@ -13,14 +13,10 @@ from typing import Any
 
 import click
 
-from optitool.errors import BudgetError, ConfigError, OptitoolError
+from optitool.errors import BudgetError, ConfigError, OptitoolError, Terminated
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a CI cancel, `timeout`, `docker stop`), handled exactly like Ctrl-C."""
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -131,6 +127,7 @@ def run(ctx: click.Context, pipeline: str, output: str | None, device: str, over
         overwrite: bool, no_benchmark: bool, quiet: bool, verbose: bool, cache: str | None) -> None:
     """Run PIPELINE: load the model, run the passes, evaluate, benchmark, write the report."""
     from optitool.distributed import relaunch, torchrun_world
+    from optitool.paths import writable_folder
     from optitool.report.table import budget_lines, terminal_table
     from optitool.runner import Runner, prepare_run_dir
 
@@ -146,6 +143,8 @@ def run(ctx: click.Context, pipeline: str, output: str | None, device: str, over
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return
+    if cache:
+        writable_folder(Path(cache), "--cache")
     run_dir = prepare_run_dir(spec, output, overwrite)
     processes = max([p.make(plugins.registry).processes() for p in spec.active_passes] + [1])
     if processes > 1 and size == 1:
@@ -194,11 +193,12 @@ def search(ctx: click.Context, pipeline: str, output: str | None, executor: str,
            storage: str | None, cache_dir: str | None, no_cache: bool, device: str) -> None:
     """Search PIPELINE's [search] settings: each trial a run in its own folder, the Pareto candidates
     re-measured side by side, the chosen one written to best.toml. Exit 1 when no trial meets the budget."""
+    from optitool.paths import writable_folder
     from optitool.search.driver import run_search
 
     plugins, spec, run_dir = _spec(ctx, pipeline, (), None)
-    folder = Path(output) if output else run_dir.with_name(run_dir.name + "-search")
-    cache = None if no_cache else (Path(cache_dir) if cache_dir else folder / "cache")
+    folder = writable_folder(Path(output) if output else run_dir.with_name(run_dir.name + "-search"), "the search folder")
+    cache = None if no_cache else writable_folder(Path(cache_dir) if cache_dir else folder / "cache", "--cache")
     result = run_search(spec, plugins.registry, folder, executor=executor, address=address, storage=storage,
                         cache=cache, device=device, say=click.echo)
     click.echo(f"search: {folder / 'search.json'}  summary: {folder / 'search.md'}")

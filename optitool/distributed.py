@@ -6,7 +6,6 @@ run folder, the others work in a temporary folder that is removed, without bench
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 
@@ -21,4 +20,6 @@ def relaunch(processes: int, cli_args: list[str]) -> int:
                "-m", "optitool.cli", *cli_args]
     # torch's C++ warnings (DDP's notes on unused parameters) write to the terminal past run.log
     env = {"TORCH_CPP_LOG_LEVEL": "ERROR", **os.environ}
-    return subprocess.run(command, check=False, env=env).returncode
+    from optitool.children import run_child
+
+    return run_child(command, env=env, quiet_when_stopped=True)  # on SIGTERM/Ctrl-C torchrun and every rank stop before this returns

@@ -37,3 +37,10 @@ class BudgetError(OptitoolError):
     """The run finished but at least one budget in `[budget]` was not met."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI cancel, `timeout`, `docker stop`), handled exactly like Ctrl-C; `signum` is the signal
+    a child process is given in turn."""
+
+    signum = 15

@@ -30,3 +30,21 @@ def display(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def writable_folder(path: Path, what: str) -> Path:
+    """A folder optitool will write into, checked without creating anything: a usage error (exit 2) naming
+    `what` when it is a file, or when it (or, if missing, its nearest existing parent) is not a writable folder,
+    found before any work starts and before anything is written."""
+    import os
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a folder; name a folder (it is created if missing)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path} cannot be created: {existing} is not writable by this user")
+    return path

@@ -216,14 +216,23 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_p
     assert run_snippet(MLP, tmp_path).report["status"] == "finished"  # the lock went with its owner
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+def test_a_lock_left_by_a_killed_process_is_free(tmp_path):
+    """The lock is an flock: it dies with its holder, SIGKILL included, with no stale-pid guesswork."""
+    import signal
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / ".run.optitool-lock").write_text(dead.stdout.strip())
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from optitool.atomic import FolderLock; lock = FolderLock(Path(sys.argv[1])); "
+                               "lock.__enter__(); print('held', flush=True); time.sleep(600)", str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunError, match=rf"another optitool run \(pid {holder.pid}\)"):
+        run_snippet(MLP, tmp_path)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    assert (tmp_path / ".run.optitool-lock").exists()  # the file stays; the lock went with its process
     assert run_snippet(MLP, tmp_path).report["status"] == "finished"
-    assert not (tmp_path / ".run.optitool-lock").exists()
 
 
 def test_two_concurrent_cli_runs_on_one_folder_do_not_mix(tmp_path):
@@ -250,7 +259,9 @@ def test_two_concurrent_cli_runs_on_one_folder_do_not_mix(tmp_path):
     assert second.returncode == 1 and f"another optitool run (pid {first.pid})" in second.stderr
     report = __import__("json").loads((tmp_path / "out" / "report.json").read_text())
     assert report["status"] == "finished" and [s["name"] for s in report["stages"]] == ["baseline", "magnitude_prune"]
-    assert not lock.exists()
+    from optitool.locks import FileLock
+
+    assert FileLock(lock).acquire(blocking=False)  # released when the first run ended
 
 
 def test_sigterm_is_handled_like_ctrl_c(tmp_path):

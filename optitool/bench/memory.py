@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from optitool.children import run_child
+
 
 @functools.cache
 def _this_process(pid: int) -> Any:
@@ -59,12 +61,18 @@ def measure_in_subprocess(job: dict[str, Any], inputs: dict[str, Any], timeout: 
         torch.save({k: v.cpu() for k, v in inputs.items()}, Path(tmp) / "inputs.pt")
         job = {**job, "inputs": str(Path(tmp) / "inputs.pt")}
         (Path(tmp) / "job.json").write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "optitool.bench.memory", str(Path(tmp) / "job.json")],
-                              capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            try:
+                code = run_child([sys.executable, "-m", "optitool.bench.memory", str(Path(tmp) / "job.json")],
+                                 timeout=timeout, grace=5, stdout=stdout, stderr=stderr)
+            except subprocess.TimeoutExpired:
+                return {"error": f"memory probe timed out after {timeout:.0f} s"}
+        printed, complaint = out.read_text(), err.read_text()
+    if code != 0:
+        tail = (complaint.strip().splitlines() or ["no output"])[-1]
         return {"error": f"memory probe failed: {tail}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(printed.strip().splitlines()[-1])
 
 
 def _load(job: dict[str, Any], loaders: Any) -> Any:

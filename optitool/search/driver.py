@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from optitool.atomic import FolderLock
 from optitool.config import PipelineSpec
 from optitool.errors import ConfigError
 
@@ -15,6 +16,17 @@ def run_search(spec: PipelineSpec, registry: Any, folder: Path, *, executor: str
                address: str | None = None, storage: str | None = None, cache: Path | None = None, device: str = "auto",
                say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or continue) the search of `spec` in `folder`; returns what search.json holds."""
+    search = spec.search
+    if search is None or spec.source is None:
+        raise ConfigError(f"{spec.source or 'pipeline'}: no [search] table; it names the settings to search, e.g.\n"
+                          '[search]\ntrials = 12\n[search.parameters]\n"passes.0.sparsity" = { low = 0.3, high = 0.8 }')
+    folder.mkdir(parents=True, exist_ok=True)
+    with FolderLock(folder, what="search"):  # a second search on this folder would requeue this one's trials
+        return _search_in(spec, registry, folder, executor, address, storage, cache, device, say)
+
+
+def _search_in(spec: PipelineSpec, registry: Any, folder: Path, executor: str, address: str | None,
+               storage: str | None, cache: Path | None, device: str, say: Callable[[str], None]) -> dict[str, Any]:
     from optitool.environment import describe
     from optitool.search.executors import make_executor
     from optitool.search.remeasure import remeasure
@@ -29,10 +41,6 @@ def run_search(spec: PipelineSpec, registry: Any, folder: Path, *, executor: str
     )
 
     search = spec.search
-    if search is None or spec.source is None:
-        raise ConfigError(f"{spec.source or 'pipeline'}: no [search] table; it names the settings to search, e.g.\n"
-                          '[search]\ntrials = 12\n[search.parameters]\n"passes.0.sparsity" = { low = 0.3, high = 0.8 }')
-    folder.mkdir(parents=True, exist_ok=True)
     check_same_pipeline(folder, spec.source.read_text(encoding="utf-8"))
     seed = spec.seed if search.seed is None else search.seed
     study = open_study(search, spec.name, seed, folder, storage)

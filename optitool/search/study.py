@@ -201,7 +201,7 @@ def search_loop(study: Any, search: SearchSpec, executor: Any, say: Callable[[st
     in_flight: dict[int, tuple[Any, Path]] = {}
     while True:
         while len(in_flight) < executor.capacity and done + len(in_flight) < total and time.monotonic() < deadline:
-            if search.sampler == "grid":  # a trial queued again goes first
+            if search.sampler == "grid" and not _waiting(study):  # a trial queued again goes first
                 point = next_grid_point(study, search)
                 if point is None:
                     break

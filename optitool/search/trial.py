@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optitool.children import run_child
 from optitool.search.spec import SearchSpec
 
 
@@ -55,8 +56,8 @@ def run_trial(pipeline: Path, params: dict[str, Any], folder: Path, cache: Path 
     folder.parent.mkdir(parents=True, exist_ok=True)
     log = folder.parent / f"{folder.name}.log"
     with log.open("w", encoding="utf-8") as out:
-        code = subprocess.run(trial_command(pipeline, params, folder, cache, device), stdout=out,
-                              stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, check=False).returncode
+        code = run_child(trial_command(pipeline, params, folder, cache, device), stdout=out,
+                         stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     return code, log.read_text(encoding="utf-8", errors="replace")[-2000:]
 
 

@@ -262,3 +262,41 @@ def test_distill_on_two_processes_under_torchrun_trains_like_one(tmp_path, optit
     assert metrics[2]["distill_loss_last"] == pytest.approx(metrics[1]["distill_loss_last"], rel=1e-3)
     assert metrics[2]["perplexity"] == pytest.approx(metrics[1]["perplexity"], rel=1e-3)
     assert metrics[2]["mask_violations"] == 0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_torchrun_rank_and_the_run_is_not_reported_finished(tmp_path, optitool_text_folder):
+    """Reported: SIGTERM to `optitool run` with processes = 2 printed "terminated" and exited 143, then the ranks
+    went on, finished the stage and wrote report.json with status finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=5)
+    (tmp_path / "p.toml").write_text(
+        f'[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nenabled = false\n'
+        f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nlabel_field = ""\n'
+        'splits = { train = 0.6, eval = 0.4 }\n[[passes]]\npass = "distill"\nepochs = 100000\nbatch_size = 4\n'
+        'keep_best = false\nprocesses = 2\n')
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "optitool.cli", "run", str(tmp_path / "p.toml"), "-o", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(run.glob(".01-distill.*.partial")):
+        time.sleep(0.2)  # rank 0 has started the distill stage
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "optitool.cli" in " ".join(p.cmdline())]
+    assert len(ranks) >= 2, "two ranks are training"
+    family = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)  # to optitool alone, as `timeout` and a CI cancel do
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err
+    gone, alive = psutil.wait_procs(family, timeout=5)
+    assert not alive, f"left running after optitool exited: {[p.pid for p in alive]}"
+    time.sleep(1)
+    report = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}
+    assert report.get("status") != "finished" and not (run / "01-distill").exists()

@@ -71,6 +71,7 @@ def search(*args: str):
     return CliRunner().invoke(cli, ["search", *map(str, args)], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_a_grid_search_finds_the_feasible_trials_and_best_toml_reproduces_the_chosen_one(tmp_path, counting):
     (tmp_path / "p.toml").write_text(PIPELINE)
     folder, cache = tmp_path / "s1", tmp_path / "cache"
@@ -102,6 +103,7 @@ def test_a_grid_search_finds_the_feasible_trials_and_best_toml_reproduces_the_ch
     assert [line for line in new if line[2] == "computed"] == [] and len([x for x in new if x[2] == "cached"]) == 8
 
 
+@pytest.mark.slow
 def test_ray_runs_two_trials_at_once_finds_the_same_feasible_trials_and_survives_a_dead_worker(
         tmp_path, counting, monkeypatch):
     """Local Ray, two trials at a time; the worker under the last trial is killed: that trial fails, the
@@ -120,6 +122,7 @@ def test_ray_runs_two_trials_at_once_finds_the_same_feasible_trials_and_survives
     assert dead["status"] == "failed" and "Ray task failed" in dead["error"]
 
 
+@pytest.mark.slow
 def test_no_feasible_trial_exits_1_for_ci(tmp_path):
     (tmp_path / "p.toml").write_text(PIPELINE.replace("min_fidelity = 0.9", "min_fidelity = 0.99999")
                                      .replace("[0.2, 0.97]", "[0.97]").replace("[0.3, 0.4]", "[0.4]"))
@@ -129,27 +132,70 @@ def test_no_feasible_trial_exits_1_for_ci(tmp_path):
     assert json.loads((tmp_path / "s" / "search.json").read_text())["counts"]["infeasible"] == 1
 
 
-def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, counting):
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL to the group", "SIGTERM to the search alone"])
+def test_a_stopped_search_resumes_and_runs_every_grid_point_once(tmp_path, counting, how):
+    """SIGTERM (a CI cancel, `timeout`) reaches only optitool: its trial process must stop with it, and on
+    resuming the interrupted point runs again and so does every point not yet run."""
+    import psutil
+
     (tmp_path / "p.toml").write_text(PIPELINE)
     folder = tmp_path / "s"
     command = [sys.executable, "-m", "optitool.cli", "search", str(tmp_path / "p.toml"), "-o", str(folder),
                "--no-cache"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (folder / "trials" / "001").exists():
         time.sleep(0.2)  # trial 0 finished, trial 1 started
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    children = _descendants(process.pid)
+    if how.startswith("SIGKILL"):
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    else:
+        assert children, "trial 1 runs in a child process"
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 143 and "terminated" in err and "Traceback" not in err
+        alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        assert not alive, f"trial processes outlived the search: {alive}"
     assert (folder / "trials" / "000" / "report.json").is_file()
     result = search(tmp_path / "p.toml", "-o", folder, "--no-cache")
     assert result.exit_code == 0, result.output
     assert "continuing the search: 1 trials already finished" in result.output
     trials = json.loads((folder / "search.json").read_text())["trials"]
+    assert {t["status"] for t in trials} <= {"feasible", "infeasible", "failed", "interrupted"}, trials
     finished = [t for t in trials if t["status"] != "interrupted"]
-    points = [tuple(sorted(t["params"].items())) for t in finished]
-    assert len(points) == 4 and len(set(points)) == 4  # every grid point exactly once
+    points = sorted(tuple(sorted(t["params"].items())) for t in finished)
+    grid = sorted((("passes.0.sparsity", a), ("passes.1.sparsity", b)) for a in (0.2, 0.97) for b in (0.3, 0.4))
+    assert points == grid  # every grid point exactly once
     started = [Path(line[2]).name for line in counting() if line[1] == "start"]
-    assert started.count("000") == 1  # trial 0 ran once: before the kill
+    assert started.count("000") == 1  # trial 0 ran once: before the stop
+
+
+@pytest.mark.slow
+def test_a_second_search_on_a_running_searchs_folder_is_refused(tmp_path):
+    (tmp_path / "p.toml").write_text(PIPELINE)
+    folder = tmp_path / "s"
+    process = subprocess.Popen([sys.executable, "-m", "optitool.cli", "search", str(tmp_path / "p.toml"), "-o",
+                                str(folder), "--no-cache"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (folder / "trials" / "000").exists():
+            time.sleep(0.2)
+        result = search(tmp_path / "p.toml", "-o", folder, "--no-cache")
+        assert result.exit_code == 1 and "another optitool search" in result.output, result.output
+    finally:
+        process.wait(timeout=600)
+    assert process.returncode == 0
+    trials = json.loads((folder / "search.json").read_text())["trials"]
+    assert sorted(t["status"] for t in trials).count("interrupted") == 0 and len(trials) == 4
 
 
 @pytest.mark.parametrize(("change", "message"), [
