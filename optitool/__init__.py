@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from optitool.architectures import Architecture, Layout, keep_blocks
+from optitool.architectures import Architecture, Layout, is_conv1d, keep_blocks
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.bench.runtimes import Runtime
+from optitool.calibration import BlockFeed, calibration_batches, observe_inputs, sequential_blocks
 from optitool.data.inputs import Batch, InputSource
 from optitool.distributed import torchrun_world
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
@@ -47,6 +48,7 @@ __all__ = [
     "API_VERSION",
     "Architecture",
     "Batch",
+    "BlockFeed",
     "ConfigError",
     "Evaluation",
     "Executor",
@@ -69,18 +71,22 @@ __all__ = [
     "Runtime",
     "TorchModel",
     "__version__",
+    "calibration_batches",
     "call_module",
     "copy_onnx",
     "greedy_with_cache",
     "hookimpl",
     "inputs_for",
     "is_causal_lm",
+    "is_conv1d",
     "keep_blocks",
     "main_output",
+    "observe_inputs",
     "open_decoder",
     "parameter_counts",
     "pooled",
     "save_onnx",
+    "sequential_blocks",
     "token_blocks",
     "torchrun_world",
 ]

@@ -58,6 +58,11 @@ class Architecture:
         return out
 
 
+def is_conv1d(module: Any) -> bool:
+    """transformers' Conv1D (GPT-2 family): a Linear whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
 def _config_head_dim(config: Any, heads_key: str, hidden_key: str) -> int:
     explicit = getattr(config, "head_dim", None)
     return int(explicit) if explicit else int(getattr(config, hidden_key) // getattr(config, heads_key))

@@ -48,24 +48,36 @@ def is_causal_lm(artifact: ModelArtifact) -> bool:
     return isinstance(artifact, OnnxModel) and artifact.task == "text-generation"
 
 
-def token_blocks(inputs: InputSource, split: str, length: int, *, seed: int) -> list[Batch]:
+def real_token_blocks(inputs: InputSource, split: str, length: int) -> list[Batch]:
     """The split's texts tokenized, joined with the end-of-text token and cut into blocks of `length`
-    tokens (the last partial block dropped), in batches. Without text: seeded random token blocks."""
+    tokens (the last partial block dropped), in batches of BLOCK_BATCH; empty when the text is shorter than
+    one block."""
+    ids: list[int] = []
+    if inputs.has_split(split):
+        tokenizer = inputs.tokenizer
+        separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for example in inputs.dataset.split(split):
+            ids += tokenizer(example.text or "", add_special_tokens=False)["input_ids"] + separator
+    return _batched([ids[i:i + length] for i in range(0, len(ids) - length + 1, length)])
+
+
+def token_blocks(inputs: InputSource, split: str, length: int, *, seed: int) -> list[Batch]:
+    """`real_token_blocks`, or, when the split has no text at all, seeded random token blocks."""
+    import torch
+
+    blocks = real_token_blocks(inputs, split, length)
+    if blocks:
+        return blocks
+    generator = torch.Generator().manual_seed(seed)
+    vocab = len(inputs.tokenizer)
+    return _batched(torch.randint(0, vocab, (RANDOM_BLOCKS, length), generator=generator).tolist())
+
+
+def _batched(blocks: list[list[int]]) -> list[Batch]:
     import torch
 
     from optitool.data.inputs import Batch
 
-    tokenizer = inputs.tokenizer
-    ids: list[int] = []
-    if inputs.has_split(split):
-        separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        for example in inputs.dataset.split(split):
-            ids += tokenizer(example.text or "", add_special_tokens=False)["input_ids"] + separator
-    blocks = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
-    if not blocks:
-        generator = torch.Generator().manual_seed(seed)
-        vocab = len(tokenizer)
-        blocks = torch.randint(0, vocab, (RANDOM_BLOCKS, length), generator=generator).tolist()
     out = []
     for start in range(0, len(blocks), BLOCK_BATCH):
         chunk = torch.tensor(blocks[start:start + BLOCK_BATCH], dtype=torch.long)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optitool.architectures import is_conv1d
 from optitool.errors import ConfigError
 from optitool.paths import resolve_path
 
@@ -131,11 +132,6 @@ def check_fits(module: Any, state: dict[str, Any], what: str) -> None:
 RESIZABLE = ("Linear", "Conv1d", "Conv2d", "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Embedding")
 
 
-def _is_hf_conv1d(sub: Any) -> bool:
-    """transformers' Conv1D (GPT-2 family): a Linear whose weight is stored [in, out]."""
-    return type(sub).__name__ == "Conv1D" and hasattr(sub, "nf")
-
-
 def describe_structure(module: Any) -> dict[str, Any]:
     """What a pass may have changed in a model's architecture: the length of each layer list and the weight
     shape of each resizable layer. Saved with a stage so reloading rebuilds exactly that architecture."""
@@ -144,7 +140,7 @@ def describe_structure(module: Any) -> dict[str, Any]:
     lists = {name: len(sub) for name, sub in module.named_modules() if isinstance(sub, torch.nn.ModuleList)}
     resizable = tuple(getattr(torch.nn, kind) for kind in RESIZABLE)
     shapes = {name: list(sub.weight.shape) for name, sub in module.named_modules()
-              if (isinstance(sub, resizable) or _is_hf_conv1d(sub))
+              if (isinstance(sub, resizable) or is_conv1d(sub))
               and isinstance(getattr(sub, "weight", None), torch.Tensor)}
     return {"layer_lists": lists, "weights": shapes, "config": _sizes_in_config(module)}
 
@@ -187,7 +183,7 @@ def _resized(sub: Any, shape: list[int]) -> Any:
 
     bias = getattr(sub, "bias", None) is not None
     kind = type(sub).__name__
-    if _is_hf_conv1d(sub):
+    if is_conv1d(sub):
         return type(sub)(shape[1], shape[0])  # Conv1D(nf = outputs, nx = inputs), weight [inputs, outputs]
     if kind == "Linear":
         return torch.nn.Linear(shape[1], shape[0], bias=bias)

@@ -8,8 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from optitool import Pass, PassConfig, PassContext, PassError, TorchModel
-from optitool_prune.structured import is_hf_conv1d
+from optitool import Pass, PassConfig, PassContext, PassError, TorchModel, is_conv1d
 
 DEFAULT_EXCLUDE = ["*classifier*", "*lm_head*", "*pooler*", "*score*"]
 N_M = re.compile(r"^(\d+):(\d+)$")
@@ -81,7 +80,7 @@ class MagnitudePrune(Pass):
         cfg: PruneConfig = self.config
         found = {}
         for name, sub in module.named_modules():
-            if not (isinstance(sub, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d) or is_hf_conv1d(sub)):
+            if not (isinstance(sub, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d) or is_conv1d(sub)):
                 continue
             if any(fnmatch.fnmatch(name, p) for p in cfg.include) and not any(
                     fnmatch.fnmatch(name, p) for p in cfg.exclude):
@@ -107,7 +106,7 @@ class MagnitudePrune(Pass):
         match = N_M.match(cfg.pattern)
         from optitool_prune.masks import global_masks, layer_mask, n_m_mask
 
-        transposed = {f"{n_}.weight" for n_, sub in model.module.named_modules() if is_hf_conv1d(sub)}
+        transposed = {f"{n_}.weight" for n_, sub in model.module.named_modules() if is_conv1d(sub)}
         if cfg.criterion == "wanda":
             masks = self._wanda(model, weights, transposed, ctx)
         elif match:
@@ -169,18 +168,12 @@ class MagnitudePrune(Pass):
 
     def _calibration_batches(self, model: TorchModel, ctx: PassContext) -> list[dict[str, Any]]:
         """Inputs of the calibration split: token blocks for a causal LM (4 a batch), else batches of 8."""
-        from optitool import is_causal_lm, token_blocks
+        from optitool import calibration_batches
 
         cfg: PruneConfig = self.config
-        if ctx.inputs is None or not ctx.inputs.has_split("calibration"):
-            raise PassError("this pruning criterion needs a calibration split: add one to [data] splits")
-        if is_causal_lm(model):
-            blocks = token_blocks(ctx.inputs, "calibration", ctx.inputs.max_length, seed=ctx.inputs.seed)
-            batches = [b.inputs for b in blocks][: max(1, cfg.calibration_samples // 4)]
-        else:
-            batches = [b.inputs for b in ctx.inputs.batches("calibration", 8, limit=cfg.calibration_samples)]
-        ctx.metrics["calibration_batches"] = len(batches)
-        return batches
+        why = "target = 'layers'" if cfg.pattern == "structured" and cfg.target == "layers" else \
+            f"criterion = {cfg.criterion!r}"
+        return calibration_batches(model, ctx, cfg.calibration_samples, why=why)
 
     def _hand_on_gradual(self, model: TorchModel, weights: dict[str, Any], ctx: PassContext) -> TorchModel:
         from optitool_prune.gradual import GradualPruner

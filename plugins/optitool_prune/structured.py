@@ -9,18 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from optitool import Layout, PassError, call_module, inputs_for, keep_blocks
-
-
-def is_hf_conv1d(module: Any) -> bool:
-    """transformers' Conv1D (GPT-2 family): a Linear whose weight is stored [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+from optitool import Layout, PassError, call_module, inputs_for, is_conv1d, keep_blocks
 
 
 def out_in(layer: Any) -> Any:
     """The weight laid out [outputs, inputs] whatever the layer stores."""
     w = layer.weight.detach()
-    return w.t() if is_hf_conv1d(layer) else w.reshape(w.shape[0], -1)
+    return w.t() if is_conv1d(layer) else w.reshape(w.shape[0], -1)
 
 
 def slice_out(layer: Any, idx: Any) -> Any:
@@ -28,7 +23,7 @@ def slice_out(layer: Any, idx: Any) -> Any:
     import torch
 
     bias = layer.bias.detach()[idx] if getattr(layer, "bias", None) is not None else None
-    if is_hf_conv1d(layer):
+    if is_conv1d(layer):
         new = type(layer)(len(idx), layer.weight.shape[0])
         new.weight.data.copy_(layer.weight.detach()[:, idx])
     elif isinstance(layer, torch.nn.Linear):
@@ -48,7 +43,7 @@ def slice_in(layer: Any, idx: Any) -> Any:
     import torch
 
     has_bias = getattr(layer, "bias", None) is not None
-    if is_hf_conv1d(layer):
+    if is_conv1d(layer):
         new = type(layer)(layer.weight.shape[1], len(idx))
         new.weight.data.copy_(layer.weight.detach()[idx])
     elif isinstance(layer, torch.nn.Linear):

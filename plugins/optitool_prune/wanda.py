@@ -11,25 +11,14 @@ from typing import Any
 def input_norms(module: Any, layers: dict[str, Any], batches: list[dict[str, Any]]) -> dict[str, Any]:
     """Per covered layer (weight name -> layer), the L2 norm over all calibration tokens of each input
     channel."""
-    import torch
-
-    from optitool import call_module, inputs_for
+    from optitool import observe_inputs
 
     sums: dict[str, Any] = {}
-    hooks = []
-    for name, layer in layers.items():
-        def record(_: Any, args: tuple[Any, ...], __: Any, name: str = name) -> None:
-            x = args[0].detach().float()
-            x = x.reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-        hooks.append(layer.register_forward_hook(record))
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                call_module(module, inputs_for(module, batch, "cpu"))
-    finally:
-        for hook in hooks:
-            hook.remove()
+
+    def energy(name: str, x: Any) -> None:
+        sums[name] = sums.get(name, 0) + (x * x).sum(0)
+
+    observe_inputs(module, layers, batches, energy)
     return {name: total.sqrt() for name, total in sums.items()}
 
 

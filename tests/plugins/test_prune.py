@@ -165,8 +165,9 @@ def test_structured_decoder_pruning_equals_the_original_with_those_parts_zeroed(
     zeroed, keeps a config that describes it, reloads from its stage folder and exports with its KV cache
     (the export verifies 32 greedy steps against torch)."""
     import transformers
-    from optitool_prune.structured import is_hf_conv1d, out_in
+    from optitool_prune.structured import out_in
 
+    from optitool import is_conv1d
     from optitool.architectures import find_architecture
     from optitool.models.loaders import LOADERS, load_stage
 
@@ -191,7 +192,7 @@ def test_structured_decoder_pruning_equals_the_original_with_those_parts_zeroed(
                 full, kept = out_in(block.get_submodule(path)), out_in(small.get_submodule(path))
                 dropped = sorted(set(range(full.shape[1])) - set(_columns_kept(full, kept)))
                 layer = block.get_submodule(path)
-                if is_hf_conv1d(layer):  # weight [in, out]
+                if is_conv1d(layer):  # weight [in, out]
                     layer.weight[dropped] = 0
                 else:
                     layer.weight[:, dropped] = 0
