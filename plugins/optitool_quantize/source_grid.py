@@ -1,22 +1,27 @@
 """Block quantization that finds the grid the weights already sit on.
 
-A model dequantized from a block-quantized file (GGUF Q4_0/Q4_1/Q8_0; SmolLM2's file is Q4_1 with a Q8_0
-embedding) has, in every block of 32 input channels, weights of the form `minimum + step * q`. A min/max
-quantizer with an integer zero point draws another grid and rounds every weight a second time (SmolLM2
-int4, onnxruntime's quantizer: perplexity +35 % over the dequantized model). Recovering each block's step
-(the smallest gap between its distinct values) and minimum reproduces the weights exactly.
-
-onnxruntime's MatMulNBits can hold an arbitrary minimum only as a float zero point, and its CPU kernel for
-that is slow (5.7 tokens/s on SmolLM2 against 105 with integer zero points, measured). So the weight is
-split: `step * (q - mid)` goes to the fast symmetric kernel, and the rest, constant within a block, is
-`(minimum + step * mid) * sum of x over the block`: per-block sums of the input times a small float matrix
-[K / block, N], added to the kernel's output. Blocks that sit on no grid of 2**bits levels (a model never
-quantized) fall back to min/max on the same split, still the closest asymmetric grid.
+Two kinds of grid are found, each exactly:
+- **integer zero points**: every weight of a block is `scale * (code - zero)` with an integer `zero`. Weights a
+  data-aware torch pass (`gptq`, `imatrix`) left on its grids, and GGUF's symmetric Q8_0/Q4_0 blocks, are of
+  this kind. They are stored as plain MatMulNBits with uint8 zero points (none when every zero point is the
+  symmetric default), onnxruntime's fast kernels, with nothing else on the path.
+- **float minimums**: `minimum + step * q`, GGUF's Q4_1 (SmolLM2's file). A min/max quantizer with an integer
+  zero point draws another grid and rounds every weight a second time (SmolLM2 int4, onnxruntime's
+  quantizer: perplexity +35 % over the dequantized model). MatMulNBits can hold an arbitrary minimum only as
+  a float zero point, and its CPU kernel for that is slow (5.7 tokens/s on SmolLM2 against 105 with integer
+  zero points, measured). So the weight is split: `step * (q - mid)` goes to the fast symmetric kernel, and
+  the rest, constant within a block, is `(minimum + step * mid) * sum of x over the block`: per-block sums of
+  the input times a small float matrix [K / block, N], added to the kernel's output (an extra MatMul and Add
+  per projection: exact, but slower than integer zero points; run a data-aware pass first to avoid it).
+Blocks that sit on no grid of 2**bits levels (a model never quantized) fall back to min/max with an integer
+zero point.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
+
+from optitool_quantize.nbits import pack
 
 EXACT_SHARE = 0.99  # a weight counts as on a grid when this share of its blocks is
 MAX_DIVISOR = 16  # the step may be the smallest gap between a block's values divided by up to this
@@ -73,13 +78,71 @@ def quantize_on_source_grid(weight: Any, bits: int, block_size: int) -> BlockQua
         step[rows] = np.where(on[..., None], refined, step[rows])
         exact[rows] |= on
     q = np.clip(np.rint((blocks - low) / step), 0, levels - 1).astype(np.uint8)
-    per_byte = 8 // bits
-    q = q.reshape(n, k // block_size, block_size // per_byte, per_byte)
-    packed = np.zeros(q.shape[:-1], np.uint8)
-    for j in range(per_byte):  # element j of each group in the j-th `bits` of the byte (low bits first)
-        packed |= q[..., j] << (bits * j)
+    packed = pack(q, bits)
     scales = step.reshape(-1).astype(np.float32)
     return BlockQuantized(packed, scales, low.reshape(-1).astype(np.float32), int(exact.sum()), int(exact.size))
+
+
+class IntegerGrid(NamedTuple):
+    codes: Any  # uint8 [N, blocks, block_size]
+    scales: Any  # float32 [N * blocks]
+    zeros: Any  # uint8 [N, blocks]
+    exact_blocks: int
+    blocks: int
+
+
+def integer_grid(weight: Any, bits: int, block_size: int) -> IntegerGrid:
+    """Find, for each block of a MatMul weight [K, N], a scale and an integer zero point that give its weights
+    exactly; blocks with none get min/max round to nearest (with zero in range, as every integer grid has).
+
+    On such a grid zero is a level, so every weight is a whole multiple of the scale: the scale is the
+    smallest nonzero magnitude, or the smallest gap between values, divided by a whole number (a block need not
+    use neighbouring levels), and the first candidate that makes every weight a multiple within the code range
+    is refined by least squares over the block's levels."""
+    import numpy as np
+
+    top, mid = 2**bits - 1, 2 ** (bits - 1)
+    k, n = weight.shape
+    blocks = np.ascontiguousarray(weight.T, np.float64).reshape(-1, block_size)
+    count = blocks.shape[0]
+    scale = np.ones(count)
+    zero = np.full(count, mid, np.int64)
+    levels = np.zeros(blocks.shape)
+    magnitude = np.abs(blocks)
+    smallest = np.where(magnitude > 0, magnitude, np.inf).min(1)
+    ordered = np.sort(blocks, 1)
+    gaps = np.diff(ordered, axis=1)
+    gaps = np.where(gaps > 1e-7 * magnitude.max(1, keepdims=True), gaps, np.inf).min(1)
+    exact = ~np.isfinite(smallest)  # a block of zeros is on every grid: code `mid`, any scale
+    for base in (smallest, gaps):
+        for divisor in range(1, MAX_DIVISOR + 1):
+            rows = np.nonzero(~exact & np.isfinite(base))[0]
+            if not len(rows):
+                break
+            found = blocks[rows] / (base[rows] / divisor)[:, None]
+            rounded = np.rint(found)
+            low, high = rounded.min(1), rounded.max(1)
+            zero_low, zero_high = np.maximum(0, -low), np.minimum(top, top - high)
+            on = (np.abs(found - rounded).max(1) <= 1e-3) & (zero_low <= zero_high)
+            rows, rounded = rows[on], rounded[on]
+            if not len(rows):
+                continue
+            keep_mid = (zero_low[on] <= mid) & (mid <= zero_high[on])  # symmetric blocks keep the default
+            zero[rows] = np.where(keep_mid, mid, zero_low[on])
+            scale[rows] = (rounded * blocks[rows]).sum(1) / (rounded**2).sum(1)
+            levels[rows] = rounded
+            exact[rows] = True
+    rest = np.nonzero(~exact)[0]
+    if len(rest):  # round to nearest on the min/max grid that holds zero
+        low = np.minimum(blocks[rest].min(1), 0)
+        high = np.maximum(blocks[rest].max(1), 0)
+        step = np.maximum((high - low) / top, 1e-12)
+        zero[rest] = np.clip(np.rint(-low / step), 0, top)
+        scale[rest] = step
+        levels[rest] = np.clip(np.rint(blocks[rest] / step[:, None]) + zero[rest][:, None], 0, top) - zero[rest][:, None]
+    codes = (levels + zero[:, None]).astype(np.uint8).reshape(n, k // block_size, block_size)
+    return IntegerGrid(codes, scale.astype(np.float32), zero.astype(np.uint8).reshape(n, k // block_size),
+                       int(exact.sum()), count)
 
 
 class SourceGridResult(NamedTuple):
@@ -87,19 +150,23 @@ class SourceGridResult(NamedTuple):
     exact_blocks: int
     blocks: int
     eight_bit: list[str]  # weights on no grid of `bits` bits but on an 8-bit one, stored in 8 bits
+    with_offsets: list[str]  # weights on float-minimum grids, stored with the offset term
 
 
 def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accuracy_level: int,
                                     exclude: list[str]) -> SourceGridResult:
-    """Replace every MatMul whose weight is a 2-D initializer (K divisible by the block) with the split
-    described above, in place. A weight that sits on an 8-bit grid and not on one of `bits` (a Q8_0
-    embedding tied to the LM head) is stored in 8 bits rather than rounded."""
+    """Replace every MatMul whose weight is a 2-D initializer (K divisible by the block) with MatMulNBits on
+    the grid its weight sits on, in place: an integer-zero-point grid where there is one (at `bits`, or at 8
+    bits for a weight on no grid of `bits`: a Q8_0 embedding tied to the LM head), else a float-minimum grid
+    with the offset term, else min/max round to nearest."""
     import numpy as np
     from onnx import helper, numpy_helper
 
+    from optitool_quantize.nbits import pack, pack_zero_points
+
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
-    nodes, changed, exact, total, eight_bit = [], 0, 0, 0, []
+    nodes, changed, exact, total, eight_bit, with_offsets = [], 0, 0, 0, [], []
     sums: dict[str, str] = {}
     for node in graph.node:
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -108,26 +175,47 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
             continue
         array = numpy_helper.to_array(weight)
         k, n = array.shape
-        width = bits
-        done = quantize_on_source_grid(array, bits, block_size)
-        if bits < 8 and done.exact_blocks < EXACT_SHARE * done.blocks:
-            wider = quantize_on_source_grid(array, 8, block_size)
-            if wider.exact_blocks >= EXACT_SHARE * wider.blocks:
-                done, width = wider, 8
-                eight_bit.append(weight.name)
-        mid = 2 ** (width - 1)
         blocks = k // block_size
-        step = done.scales.reshape(n, blocks)
-        low = done.minimums.reshape(n, blocks)
-        offset = (low + step * mid).T.astype(np.float32)  # [blocks, N]
-        base = f"{node.input[1]}_q{width}"
-        graph.initializer.extend([numpy_helper.from_array(done.packed, base),
-                                  numpy_helper.from_array(done.scales, f"{base}_scales"),
-                                  numpy_helper.from_array(offset, f"{base}_offsets")])
-        attrs = {"K": k, "N": n, "bits": width, "block_size": block_size}
+        attrs: dict[str, Any] = {"K": k, "N": n, "block_size": block_size}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
-        x = node.input[0]
+        x, out = node.input[0], node.output[0]
+        grid, width = integer_grid(array, bits, block_size), bits
+        if grid.exact_blocks < EXACT_SHARE * grid.blocks and bits < 8:
+            wider = integer_grid(array, 8, block_size)
+            if wider.exact_blocks >= EXACT_SHARE * wider.blocks:
+                grid, width = wider, 8
+                eight_bit.append(weight.name)
+        floating = None
+        if grid.exact_blocks < EXACT_SHARE * grid.blocks:
+            for candidate_bits in dict.fromkeys((bits, 8)):
+                found = quantize_on_source_grid(array, candidate_bits, block_size)
+                if found.exact_blocks >= EXACT_SHARE * found.blocks:
+                    floating, width = found, candidate_bits
+                    if candidate_bits != bits:
+                        eight_bit.append(weight.name)
+                    break
+        base = f"{node.input[1]}_q{width}"
+        attrs["bits"] = width
+        if floating is None:
+            inputs = [x, base, f"{base}_scales"]
+            graph.initializer.extend([numpy_helper.from_array(pack(grid.codes, width), base),
+                                      numpy_helper.from_array(grid.scales, f"{base}_scales")])
+            if (grid.zeros != 2 ** (width - 1)).any():
+                graph.initializer.append(numpy_helper.from_array(pack_zero_points(grid.zeros, width), f"{base}_zeros"))
+                inputs.append(f"{base}_zeros")
+            nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=f"{node.name}_Q{width}",
+                                          domain="com.microsoft", **attrs))
+            changed, exact, total = changed + 1, exact + grid.exact_blocks, total + grid.blocks
+            continue
+        with_offsets.append(weight.name)
+        mid = 2 ** (width - 1)
+        step = floating.scales.reshape(n, blocks)
+        low = floating.minimums.reshape(n, blocks)
+        offset = (low + step * mid).T.astype(np.float32)  # [blocks, N]
+        graph.initializer.extend([numpy_helper.from_array(floating.packed, base),
+                                  numpy_helper.from_array(floating.scales, f"{base}_scales"),
+                                  numpy_helper.from_array(offset, f"{base}_offsets")])
         if x not in sums:  # one per input: q/k/v and gate/up share theirs
             shape = f"{x}_block_shape"  # [batch, sequence, blocks, block]: 0 keeps the input's dimension
             graph.initializer.append(numpy_helper.from_array(np.array([0, 0, blocks, block_size], np.int64), shape))
@@ -136,12 +224,11 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
                                        name=f"{x}_block_sum", keepdims=0)]
             graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{x}_sum_axis"))
             sums[x] = f"{x}_block_sums"
-        out = node.output[0]
         nodes += [helper.make_node("MatMulNBits", [x, base, f"{base}_scales"], [f"{out}_nbits"],
                                    name=f"{node.name}_Q{width}", domain="com.microsoft", **attrs),
                   helper.make_node("MatMul", [sums[x], f"{base}_offsets"], [f"{out}_offset"], name=f"{node.name}_off"),
                   helper.make_node("Add", [f"{out}_nbits", f"{out}_offset"], [out], name=f"{node.name}_add")]
-        changed, exact, total = changed + 1, exact + done.exact_blocks, total + done.blocks
+        changed, exact, total = changed + 1, exact + floating.exact_blocks, total + floating.blocks
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}
@@ -149,4 +236,4 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
         graph.initializer.remove(initializer)
     if changed and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return SourceGridResult(changed, exact, total, eight_bit)
+    return SourceGridResult(changed, exact, total, eight_bit, with_offsets)

@@ -24,8 +24,8 @@ class WeightOnlyConfig(PassConfig):
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names left in float")
     grid: Literal["minmax", "source"] = Field(
         "minmax", description="minmax: onnxruntime's quantizer (block min/max, integer zero point); source: "
-        "recover the grid each block already sits on (exact for weights dequantized from GGUF Q4_x/Q8_0 files; "
-        "min/max where there is none), MatMul weights only")
+        "store exactly the grid each block already sits on (weights a gptq or imatrix pass rounded, GGUF "
+        "Q4_x/Q8_0 files; min/max where there is none), MatMul weights only")
 
     @field_validator("block_size")
     @classmethod
@@ -57,7 +57,11 @@ class WeightOnlyQuantize(Pass):
             found = quantize_matmuls_on_source_grid(graph_model, cfg.bits, cfg.block_size, cfg.accuracy_level,
                                                     cfg.exclude_nodes)
             extra.update(blocks_on_source_grid=round(found.exact_blocks / max(found.blocks, 1), 4),
-                         weights_in_8_bits=found.eight_bit)
+                         weights_in_8_bits=found.eight_bit, weights_with_offsets=len(found.with_offsets))
+            if found.with_offsets:
+                ctx.flag(f"{len(found.with_offsets)} weight(s) sit on grids with float minimums (GGUF Q4_1) and "
+                         "carry an extra offset MatMul each, which decodes slower than integer zero points; "
+                         "a data-aware pass before the export (gptq, imatrix) puts them on integer grids")
         ops = tuple(o for o in cfg.op_types if cfg.grid == "minmax" or o != "MatMul")
         if ops:
             quantizer = MatMulNBitsQuantizer(graph_model, bits=cfg.bits, block_size=cfg.block_size,

@@ -1,0 +1,196 @@
+"""Data-aware weight rounding on torch models: `gptq` and `imatrix`.
+
+Both leave every covered weight on integer block grids (`scale * (code - zero)`, see grids.py) and change
+nothing else, so the model still runs in torch (its quality is measured as the deployed 4-bit model's) and
+`weight_only_quantize` with grid = "source" stores exactly those grids after the ONNX export. They differ in
+how a weight is rounded, given the calibration inputs of its layer:
+- `imatrix`: each block's grid searched to minimise the error its inputs see (the block's part of the inputs'
+  Gram matrix: each channel's activation energy, as llama.cpp's importance matrix, and their correlations);
+  each weight still rounded to its nearest level;
+- `gptq`: columns rounded one at a time, each one's error spread over the columns not yet rounded by the
+  inverse of the inputs' Gram matrix (GPTQ), on min/max or searched grids.
+Blocks are calibrated one after another (`optitool.calibration.sequential_blocks`): a block sees the outputs
+of the blocks before it as already rounded, and only one block's statistics are held at a time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from optitool import Pass, PassConfig, PassContext, PassError, TorchModel, is_conv1d
+
+DEFAULT_EXCLUDE = ["*lm_head*", "*classifier*", "*score*", "*pooler*"]
+
+
+class GridConfig(PassConfig):
+    bits: Literal[4, 8] = Field(4, description="bits per weight")
+    block_size: int = Field(32, ge=16, le=256, description="input channels sharing one scale and zero point (a power "
+                            "of 2; weight_only_quantize must use the same)")
+    symmetric: bool = Field(False, description="zero point fixed at the middle code (no zero points stored)")
+    calibration_samples: int = Field(32, ge=1, description="calibration token blocks (causal LMs) or examples")
+    include: list[str] = Field(default_factory=lambda: ["*"], description="module name patterns covered")
+    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE),
+                               description="module name patterns left in float (the head by default)")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size must be a power of 2 (16, 32, 64, 128 or 256), not {value}")
+        return value
+
+
+class GridQuantize(Pass):
+    """What the data-aware passes share: calibration, the block-by-block walk, the covered layers, the
+    comparison with round to nearest that every stage reports. A subclass says how one weight is rounded."""
+
+    compresses = True
+    takes = "torch"
+    gives = "torch"
+    Config = GridConfig
+
+    def data_needs(self) -> dict[str, str]:
+        return {"calibration": "inputs"}
+
+    def round_weight(self, weight: Any, hessian: Any) -> Any:  # pragma: no cover - abstract
+        """`weight` [out, in] on its grids, given its inputs' Gram matrix [in, in]."""
+        raise NotImplementedError
+
+    def run(self, model: TorchModel, ctx: PassContext) -> TorchModel:
+        import torch
+
+        from optitool import calibration_batches, observe_inputs, sequential_blocks
+
+        cfg: GridConfig = self.config
+        module = model.module
+        batches = calibration_batches(model, ctx, cfg.calibration_samples, why=f"{self.name}")
+        try:
+            layout = ctx.architecture(module)
+        except PassError:
+            layout = None  # no known blocks: every covered layer is calibrated in one pass over the model
+        started = time.perf_counter()
+        errors: dict[str, tuple[float, float]] = {}
+        if layout is None:
+            layers = self._layers(module, "")
+            self._check(layers)
+            hessians = _Gram()
+            observe_inputs(module, layers, batches, hessians.add, device=ctx.device)
+            self._round_all(layers, hessians, errors)
+        else:
+            found = {}
+            with ctx.progress(len(layout.blocks), f"{self.name}: blocks") as progress, torch.no_grad():
+                for feed in sequential_blocks(module, layout, batches, device=ctx.device):
+                    layers = self._layers(feed.block, f"{layout.blocks_path}.{feed.index}.")
+                    found.update(layers)
+                    if layers:
+                        hessians = _Gram()
+                        feed.observe(layers, hessians.add)
+                        self._round_all(layers, hessians, errors)
+                    progress.update(1)
+            self._check(found)
+        ours = sum(e[0] for e in errors.values())
+        nearest = sum(e[1] for e in errors.values())
+        ctx.metrics.update(
+            quantized_layers=len(errors), bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric,
+            grid_seconds=round(time.perf_counter() - started, 2),
+            weighted_error_vs_nearest=round(ours / nearest, 4) if nearest else None,
+            layer_error_vs_nearest={name: round(e[0] / e[1], 4) if e[1] else None for name, e in errors.items()})
+        return model
+
+    def _layers(self, block: Any, prefix: str) -> dict[str, Any]:
+        import torch
+
+        cfg: GridConfig = self.config
+        out = {}
+        for name, sub in block.named_modules():
+            full = prefix + name
+            if not (isinstance(sub, torch.nn.Linear) or is_conv1d(sub)):
+                continue
+            if any(fnmatch.fnmatch(full, p) for p in cfg.include) and not any(
+                    fnmatch.fnmatch(full, p) for p in cfg.exclude):
+                out[full] = sub
+        return out
+
+    def _check(self, layers: dict[str, Any]) -> None:
+        cfg: GridConfig = self.config
+        if not layers:
+            raise PassError(f"{self.name}: no Linear or Conv1D layer matches include={cfg.include} "
+                            f"exclude={cfg.exclude}")
+
+    def _round_all(self, layers: dict[str, Any], hessians: _Gram, errors: dict[str, tuple[float, float]]) -> None:
+        from optitool_quantize.grids import round_to_grid, weighted_error
+        cfg: GridConfig = self.config
+        for name, layer in layers.items():
+            if name not in hessians.sums:
+                raise PassError(f"{self.name}: {name} saw no input during calibration (a layer the forward pass "
+                                "does not use); exclude it")
+            transposed = is_conv1d(layer)
+            weight = layer.weight.detach().float()
+            weight = weight.t() if transposed else weight  # [out, in]
+            if weight.shape[1] % cfg.block_size:
+                raise PassError(f"{self.name}: {name} has {weight.shape[1]} input channels, not a multiple of "
+                                f"block_size {cfg.block_size}; choose a block_size that divides it or exclude it")
+            hessian = hessians.matrix(name)
+            rounded = self.round_weight(weight, hessian)
+            nearest, _, _ = round_to_grid(weight, cfg.bits, cfg.block_size, cfg.symmetric)
+            errors[name] = (weighted_error(weight, rounded, hessian), weighted_error(weight, nearest, hessian))
+            layer.weight.data.copy_((rounded.t() if transposed else rounded).to(layer.weight.dtype))
+
+
+class _Gram:
+    """Per layer, the sum of x^T x over calibration tokens and their count."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.tokens: dict[str, int] = {}
+
+    def add(self, name: str, x: Any) -> None:
+        x = x.double()
+        self.sums[name] = self.sums.get(name, 0) + x.T @ x
+        self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+
+    def matrix(self, name: str) -> Any:
+        return (self.sums[name] / max(self.tokens[name], 1)).float()
+
+
+class ImatrixConfig(GridConfig):
+    pass
+
+
+class Imatrix(GridQuantize):
+    """Round weights to nearest on block grids searched against each input channel's activation energy."""
+
+    name = "imatrix"
+    Config = ImatrixConfig
+
+    def round_weight(self, weight: Any, hessian: Any) -> Any:
+        from optitool_quantize.grids import round_to_grid
+
+        cfg: ImatrixConfig = self.config
+        rounded, _, _ = round_to_grid(weight, cfg.bits, cfg.block_size, cfg.symmetric, importance=hessian)
+        return rounded
+
+
+class GptqConfig(GridConfig):
+    damping: float = Field(0.01, gt=0, le=1, description="added to H's diagonal, as a fraction of its mean")
+    search_grid: bool = Field(True, description="each block's grid searched against the channels' activation "
+                              "energy (as imatrix) rather than spanning its min and max")
+
+
+class Gptq(GridQuantize):
+    """GPTQ: round weights column by column, compensating each error on the columns not yet rounded."""
+
+    name = "gptq"
+    Config = GptqConfig
+
+    def round_weight(self, weight: Any, hessian: Any) -> Any:
+        from optitool_quantize.gptq import gptq
+
+        cfg: GptqConfig = self.config
+        rounded, _, _ = gptq(weight, hessian, bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric,
+                             damping=cfg.damping, search=cfg.search_grid)
+        return rounded
