@@ -179,6 +179,8 @@ class GptqConfig(GridConfig):
     damping: float = Field(0.01, gt=0, le=1, description="added to H's diagonal, as a fraction of its mean")
     search_grid: bool = Field(True, description="each block's grid searched against the channels' activation "
                               "energy (as imatrix) rather than spanning its min and max")
+    act_order: bool = Field(False, description="round the loudest input channels first (grids fixed beforehand, "
+                            "per block of channels, as MatMulNBits stores them)")
 
 
 class Gptq(GridQuantize):
@@ -192,5 +194,5 @@ class Gptq(GridQuantize):
 
         cfg: GptqConfig = self.config
         rounded, _, _ = gptq(weight, hessian, bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric,
-                             damping=cfg.damping, search=cfg.search_grid)
+                             damping=cfg.damping, search=cfg.search_grid, act_order=cfg.act_order)
         return rounded

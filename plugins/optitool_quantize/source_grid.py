@@ -151,14 +151,29 @@ class SourceGridResult(NamedTuple):
     blocks: int
     eight_bit: list[str]  # weights on no grid of `bits` bits but on an 8-bit one, stored in 8 bits
     with_offsets: list[str]  # weights on float-minimum grids, stored with the offset term
+    replaced: dict[str, str]  # MatMulNBits node name -> digest of the float weight it replaced
+
+
+def embedding_tables(graph: Any) -> dict[str, Any]:
+    """Gather nodes' tables [vocabulary, hidden] that are initializers, by name."""
+    from onnx import numpy_helper
+
+    weights = {i.name: i for i in graph.initializer}
+    found = {}
+    for node in graph.node:
+        table = weights.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is not None and len(table.dims) == 2:
+            found[table.name] = numpy_helper.to_array(table)
+    return found
 
 
 def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accuracy_level: int,
-                                    exclude: list[str]) -> SourceGridResult:
+                                    exclude: list[str], head_bits: int = 8) -> SourceGridResult:
     """Replace every MatMul whose weight is a 2-D initializer (K divisible by the block) with MatMulNBits on
     the grid its weight sits on, in place: an integer-zero-point grid where there is one (at `bits`, or at 8
     bits for a weight on no grid of `bits`: a Q8_0 embedding tied to the LM head), else a float-minimum grid
-    with the offset term, else min/max round to nearest."""
+    with the offset term, else min/max round to nearest, in `head_bits` for the LM head (a MatMul onto the
+    vocabulary of an embedding table: the layer small models are most sensitive in)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -166,7 +181,9 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
 
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
+    vocabularies = {t.shape[0] for t in embedding_tables(graph).values()}
     nodes, changed, exact, total, eight_bit, with_offsets = [], 0, 0, 0, [], []
+    replaced: dict[str, str] = {}
     sums: dict[str, str] = {}
     for node in graph.node:
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -174,6 +191,7 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
             nodes.append(node)
             continue
         array = numpy_helper.to_array(weight)
+        replaced[f"{node.name}_Q"] = digest(array)
         k, n = array.shape
         blocks = k // block_size
         attrs: dict[str, Any] = {"K": k, "N": n, "block_size": block_size}
@@ -181,6 +199,10 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
             attrs["accuracy_level"] = accuracy_level
         x, out = node.input[0], node.output[0]
         grid, width = integer_grid(array, bits, block_size), bits
+        if n in vocabularies and head_bits != bits and grid.exact_blocks < EXACT_SHARE * grid.blocks:
+            grid, width = integer_grid(array, head_bits, block_size), head_bits  # a float head: its own width
+            if head_bits == 8:
+                eight_bit.append(weight.name)
         if grid.exact_blocks < EXACT_SHARE * grid.blocks and bits < 8:
             wider = integer_grid(array, 8, block_size)
             if wider.exact_blocks >= EXACT_SHARE * wider.blocks:
@@ -236,4 +258,103 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
         graph.initializer.remove(initializer)
     if changed and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return SourceGridResult(changed, exact, total, eight_bit, with_offsets)
+    return SourceGridResult(changed, exact, total, eight_bit, with_offsets, replaced)
+
+
+def digest(array: Any) -> str:
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(array, np.float32).tobytes()).hexdigest()
+
+
+class EmbeddingResult(NamedTuple):
+    tables: int
+    shared_with_head: int
+    bits: list[int]
+
+
+def quantize_embeddings(model: Any, bits: int, block_size: int, head_bits: int = 8,
+                        replaced: dict[str, str] | None = None) -> EmbeddingResult:
+    """Replace each Gather from an embedding table [vocabulary, hidden] with GatherBlockQuantized, in place.
+
+    A table tied to the LM head (the MatMulNBits that replaced a weight equal to the table transposed:
+    `replaced` maps node name prefixes to those weights' digests) shares the head's packed codes: the model
+    stores the largest matrix of a small LLM once, in the head's bits. Another table is stored on the integer
+    grid it sits on (at `bits` or 8), else rounded to nearest in `head_bits`."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from optitool_quantize.nbits import pack, pack_zero_points
+
+    graph = model.graph
+    arrays = {i.name: i for i in graph.initializer}
+    heads = {}  # the float values a MatMulNBits head computes with -> its node
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            heads.setdefault(attrs["N"], []).append(node)
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in [*graph.input, *graph.value_info]}
+    nodes, tables, shared, widths = [], 0, 0, []
+    for node in graph.node:
+        table = arrays.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if table is None or len(table.dims) != 2 or axis != 0 or table.dims[1] % block_size:
+            nodes.append(node)
+            continue
+        values = numpy_helper.to_array(table)
+        vocabulary, hidden = values.shape
+        blocks = hidden // block_size
+        tied = digest(values.T)
+        head = next((c for c in heads.get(vocabulary, []) if (replaced or {}).get(c.name.rsplit("_Q", 1)[0] + "_Q")
+                     == tied), None)
+        if head is not None:  # tied: share the head's codes
+            attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+            width = attrs["bits"]
+            data = head.input[1]
+            scale_values = numpy_helper.to_array(arrays[head.input[2]]).reshape(vocabulary, blocks)
+            zero_values = (unpack_zero_points(numpy_helper.to_array(arrays[head.input[3]]), width, vocabulary, blocks)
+                           if len(head.input) > 3 and head.input[3] else None)
+            shared += 1
+        else:
+            grid, width = integer_grid(values.T, bits, block_size), bits
+            if grid.exact_blocks < EXACT_SHARE * grid.blocks:
+                wider = integer_grid(values.T, 8, block_size)
+                grid, width = (wider, 8) if wider.exact_blocks >= EXACT_SHARE * wider.blocks else (
+                    integer_grid(values.T, head_bits, block_size), head_bits)
+            data = f"{table.name}_q{width}"
+            graph.initializer.append(numpy_helper.from_array(pack(grid.codes, width), data))
+            scale_values = grid.scales.reshape(vocabulary, blocks)
+            zero_values = grid.zeros if (grid.zeros != 2 ** (width - 1)).any() else None
+        base = f"{table.name}_gather_q{width}"
+        inputs = [data, node.input[1], f"{base}_scales"]
+        graph.initializer.append(numpy_helper.from_array(scale_values.reshape(vocabulary, blocks, 1), f"{base}_scales"))
+        if zero_values is not None:  # one per block: each packed on its own (the axis they run along has size 1)
+            packed = pack_zero_points(zero_values.reshape(-1, 1), width).reshape(vocabulary, blocks, 1)
+            graph.initializer.append(numpy_helper.from_array(packed, f"{base}_zeros"))
+            inputs.append(f"{base}_zeros")
+        shape = f"{base}_shape"
+        graph.initializer.append(numpy_helper.from_array(
+            np.array([0] * ranks.get(node.input[1], 2) + [hidden], np.int64), shape))
+        nodes += [helper.make_node("GatherBlockQuantized", inputs, [f"{node.output[0]}_blocks"],
+                                   name=f"{node.name}_Q{width}", domain="com.microsoft", gather_axis=0,
+                                   quantize_axis=2, block_size=block_size, bits=width),
+                  helper.make_node("Reshape", [f"{node.output[0]}_blocks", shape], [node.output[0]],
+                                   name=f"{node.name}_unblock")]
+        tables, widths = tables + 1, [*widths, width]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    for initializer in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(initializer)
+    if tables and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return EmbeddingResult(tables, shared, widths)
+
+
+def unpack_zero_points(packed: Any, bits: int, rows: int, blocks: int) -> Any:
+    """`pack_zero_points`' inverse: [rows, blocks] zero points from MatMulNBits' packed rows."""
+    from optitool_quantize.nbits import unpack
+
+    return unpack(packed.reshape(rows, -1), bits, blocks)

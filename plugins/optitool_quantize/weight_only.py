@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from optitool import OnnxModel, Pass, PassConfig, PassContext, PassError
-from optitool_quantize.source_grid import quantize_matmuls_on_source_grid
+from optitool_quantize.source_grid import quantize_embeddings, quantize_matmuls_on_source_grid
 
 
 class WeightOnlyConfig(PassConfig):
@@ -22,6 +22,8 @@ class WeightOnlyConfig(PassConfig):
     op_types: list[Literal["MatMul", "Gather"]] = Field(
         default_factory=lambda: ["MatMul"], description="MatMul weights; Gather adds the embedding table")
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names left in float")
+    head_bits: Literal[4, 8] = Field(8, description="grid = source: bits of an LM head (and of a tied embedding) "
+                                     "that sits on no grid; small models lose most there")
     grid: Literal["minmax", "source"] = Field(
         "minmax", description="minmax: onnxruntime's quantizer (block min/max, integer zero point); source: "
         "store exactly the grid each block already sits on (weights a gptq or imatrix pass rounded, GGUF "
@@ -55,14 +57,18 @@ class WeightOnlyQuantize(Pass):
         extra: dict[str, Any] = {}
         if cfg.grid == "source":
             found = quantize_matmuls_on_source_grid(graph_model, cfg.bits, cfg.block_size, cfg.accuracy_level,
-                                                    cfg.exclude_nodes)
+                                                    cfg.exclude_nodes, cfg.head_bits)
             extra.update(blocks_on_source_grid=round(found.exact_blocks / max(found.blocks, 1), 4),
                          weights_in_8_bits=found.eight_bit, weights_with_offsets=len(found.with_offsets))
+            if "Gather" in cfg.op_types:
+                tables = quantize_embeddings(graph_model, cfg.bits, cfg.block_size, cfg.head_bits, found.replaced)
+                extra.update(embeddings_quantized=tables.tables, embeddings_shared_with_head=tables.shared_with_head,
+                             embedding_bits=tables.bits)
             if found.with_offsets:
                 ctx.flag(f"{len(found.with_offsets)} weight(s) sit on grids with float minimums (GGUF Q4_1) and "
                          "carry an extra offset MatMul each, which decodes slower than integer zero points; "
                          "a data-aware pass before the export (gptq, imatrix) puts them on integer grids")
-        ops = tuple(o for o in cfg.op_types if cfg.grid == "minmax" or o != "MatMul")
+        ops = tuple(cfg.op_types) if cfg.grid == "minmax" else ()
         if ops:
             quantizer = MatMulNBitsQuantizer(graph_model, bits=cfg.bits, block_size=cfg.block_size,
                                              is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level or None,

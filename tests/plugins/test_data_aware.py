@@ -95,8 +95,8 @@ def test_each_method_beats_round_to_nearest_on_the_error_the_data_sees(tmp_path,
     assert ctx.metrics["quantized_layers"] == len(_linear_weights(model))  # the head is left alone
 
 
-@pytest.mark.parametrize("method", ["gptq", "imatrix"])
-def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly(tmp_path, method,
+@pytest.mark.parametrize(("method", "with_embedding"), [("gptq", False), ("imatrix", False), ("gptq", True)])
+def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly(tmp_path, method, with_embedding,
                                                                                optitool_text_folder):
     from onnx import numpy_helper
     from optitool_quantize.nbits import dequantize
@@ -107,7 +107,8 @@ def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly
                'splits = { calibration = 0.5, eval = 0.5 }\n'
                f'[[passes]]\npass = "{method}"\nblock_size = 16\ncalibration_samples = 8\n'
                '[[passes]]\npass = "onnx_export"\n'
-               '[[passes]]\npass = "weight_only_quantize"\nbits = 4\nblock_size = 16\ngrid = "source"\n')
+               '[[passes]]\npass = "weight_only_quantize"\nbits = 4\nblock_size = 16\ngrid = "source"\n'
+               + ('op_types = ["MatMul", "Gather"]\n' if with_embedding else ''))
     result = run_snippet(snippet, tmp_path)
     rounded, exported, stored = result.report["stages"][1:]
     assert stored["metrics"]["weights_with_offsets"] == 0 and not stored["flags"]
@@ -132,6 +133,12 @@ def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly
             checked += 1
             np.testing.assert_allclose(dequantize(node, arrays), weight, rtol=0, atol=1e-6 * np.abs(weight).max())
     assert checked == 2 * 7
+    if with_embedding:  # the tied table is stored once, in the head's 8 bits, and read by both
+        gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+        assert stored["metrics"]["embeddings_shared_with_head"] == 1 and stored["metrics"]["embedding_bits"] == [8]
+        assert gather.input[0] in {n.input[1] for n in graph.node if n.op_type == "MatMulNBits"}
+        assert "Gather" not in ops and stored["metrics"]["perplexity"] > 1
+        return
     # the deployed graph decodes what the rounded torch model decodes
     onnx_stage = result.stages[-1].artifact
     vocab = torch_stage.module.config.vocab_size
