@@ -348,6 +348,9 @@ def _check_context(model: ModelSpec, data: DataSpec | None, benchmark: Benchmark
         asked.append(("[data].max_length", data.max_length))
     if benchmark.enabled:
         asked += [("[benchmark].sequence_lengths", n) for n in benchmark.sequence_lengths]
+        if hasattr(loader, "generates") and loader.generates(model, base_dir):  # a prompt, then its new tokens
+            asked += [(f"[benchmark].sequence_lengths ({n}) + new_tokens ({benchmark.new_tokens})",
+                       n + benchmark.new_tokens) for n in benchmark.sequence_lengths]
     for key, length in asked:
         if length > limit:
             raise ConfigError(f"{where}: {key} asks for {length} tokens, but the model takes at most {limit} "

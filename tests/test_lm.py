@@ -216,7 +216,8 @@ def test_a_gguf_model_runs_through_a_pipeline_and_is_judged_as_a_language_model(
     assert type(again.module).__name__ == "LlamaForCausalLM"  # the stage reloads through the gguf loader
 
 
-@pytest.mark.parametrize("setting", ["model.max_length=128", "benchmark.sequence_lengths=[16, 100]"])
+@pytest.mark.parametrize("setting", ["model.max_length=128", "benchmark.sequence_lengths=[16, 100]",
+                                     "benchmark.sequence_lengths=[40]"])  # 40 + 32 new tokens
 def test_lengths_beyond_the_context_are_refused_before_loading(tmp_path, setting):
     from click.testing import CliRunner
 

@@ -73,6 +73,13 @@ class HfLoader(Loader):
         found = [config.get(k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")]
         return next((int(v) for v in found if isinstance(v, int) and v > 0), None)
 
+    def generates(self, spec: ModelSpec, base_dir: Path) -> bool:
+        """Whether this will load as a causal LM (benchmarked in generation), read from the folder's config."""
+        if spec.task:
+            return spec.task == "text-generation"
+        return bool(spec.path) and default_task(resolve_path(spec.path, base_dir, where="[model].path")) == \
+            "text-generation"
+
     def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
         import transformers
 
@@ -221,6 +228,9 @@ class GgufLoader(Loader):
         except Exception:  # noqa: BLE001 - validate already refused a file it cannot read
             return None
         return length if isinstance(length, int) else None
+
+    def generates(self, spec: ModelSpec, base_dir: Path) -> bool:
+        return True  # a GGUF file holds a causal LM
 
     def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
         import torch
