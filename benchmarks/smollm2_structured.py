@@ -22,10 +22,10 @@ import time
 from benchmarks.common import HERE, WORK, machine_line
 
 EXAMPLE = HERE.parent / "examples" / "smollm2_depth_distill.toml"
-PRUNE = re.compile(r"\[\[passes\]\]\npass = \"magnitude_prune\".*?(?=\n\[\[passes\]\])", re.S)
+PRUNE = re.compile(r"\[\[passes\]\]\npass = \"depth_prune\".*?(?=\n\[\[passes\]\])", re.S)
 CANDIDATES = {
     "(c) width: MLP channels 50 %, key/value groups 1 of 3 (Wanda-style scores)":
-        '[[passes]]\npass = "magnitude_prune"\nname = "width"\npattern = "structured"\ntarget = "ffn+heads"\n'
+        '[[passes]]\npass = "structured_prune"\nname = "width"\ntarget = "ffn+heads"\n'
         'sparsity = 0.5\nscope = "layer"\ncriterion = "wanda"\ncalibration_samples = 16',
     "(d) depth: 15 of 30 blocks": None,  # the example as it is
 }

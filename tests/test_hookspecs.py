@@ -121,7 +121,7 @@ def test_hook_optitool_register_architectures(tmp_path):
                                 mlp_in=("ff.up",), mlp_out="ff.down")
     acme = plugin("acme", optitool_register_architectures=lambda registry: registry.add_architecture(toy))
     snippet = ('[model]\nsource = "python"\nfactory = "tests.test_hookspecs:toy_transformer"\n[model.inputs]\n'
-               'x = ["batch", 8]\n[[passes]]\npass = "magnitude_prune"\npattern = "structured"\nsparsity = 0.5\n')
+               'x = ["batch", 8]\n[[passes]]\npass = "structured_prune"\nsparsity = 0.5\n')
     metrics = run_snippet(snippet, tmp_path, plugins=(acme,)).report["stages"][1]["metrics"]
     assert metrics["family"] == "acme.toy" and metrics["mlp_channels_kept"] == [8, 8]
 

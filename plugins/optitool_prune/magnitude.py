@@ -1,4 +1,7 @@
-"""The magnitude_prune pass."""
+"""The magnitude_prune pass: mask-based pruning (unstructured or N:M, by magnitude or Wanda, at once or on a
+cubic schedule during distillation). Structured width and depth pruning are their own passes
+(structured_passes.py); `pattern = "structured"` still runs them for one release, with a flag saying what to
+write instead."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from optitool import Pass, PassConfig, PassContext, PassError, TorchModel, is_conv1d
+from optitool_prune.structured_passes import refuse_unused
 
 DEFAULT_EXCLUDE = ["*classifier*", "*lm_head*", "*pooler*", "*score*"]
 N_M = re.compile(r"^(\d+):(\d+)$")
@@ -56,7 +60,27 @@ class PruneConfig(PassConfig):
         if match and self.sparsity is not None and abs(self.sparsity - (1 - int(match[1]) / int(match[2]))) > 1e-9:
             raise ValueError(f"pattern {self.pattern} means sparsity {1 - int(match[1]) / int(match[2])}; "
                              "leave sparsity out")
+        self._refuse_unused()
         return self
+
+    def _refuse_unused(self) -> None:
+        structured, depth = self.pattern == "structured", self.pattern == "structured" and self.target == "layers"
+        unused: dict[str, str] = {}
+        if not structured:
+            unused["target"] = (f"with pattern = {self.pattern!r} (structured pruning is the structured_prune and "
+                                "depth_prune passes)")
+        if self.criterion != "wanda" and not depth:
+            unused["calibration_samples"] = "with criterion = 'magnitude'"
+        if self.schedule != "cubic":
+            unused["frequency"] = "with schedule = 'oneshot'"
+        if N_M.match(self.pattern):
+            unused["scope"] = f"with pattern = {self.pattern!r} (every group of M keeps N)"
+        if structured:
+            unused.update(include="with pattern = 'structured'", exclude="with pattern = 'structured'")
+        if depth:
+            unused.update(criterion="with target = 'layers' (blocks are ranked by their influence)",
+                          scope="with target = 'layers'")
+        refuse_unused(self, unused)
 
 
 class MagnitudePrune(Pass):
@@ -94,7 +118,7 @@ class MagnitudePrune(Pass):
 
     def run(self, model: TorchModel, ctx: PassContext) -> TorchModel:
         if self.config.pattern == "structured":
-            return self._structured(model, ctx)
+            return self._instead(ctx).run(model, ctx)
         import torch
 
         cfg: PruneConfig = self.config
@@ -170,10 +194,7 @@ class MagnitudePrune(Pass):
         """Inputs of the calibration split: token blocks for a causal LM (4 a batch), else batches of 8."""
         from optitool import calibration_batches
 
-        cfg: PruneConfig = self.config
-        why = "target = 'layers'" if cfg.pattern == "structured" and cfg.target == "layers" else \
-            f"criterion = {cfg.criterion!r}"
-        return calibration_batches(model, ctx, cfg.calibration_samples, why=why)
+        return calibration_batches(model, ctx, self.config.calibration_samples, why="criterion = 'wanda'")
 
     def _hand_on_gradual(self, model: TorchModel, weights: dict[str, Any], ctx: PassContext) -> TorchModel:
         from optitool_prune.gradual import GradualPruner
@@ -188,64 +209,27 @@ class MagnitudePrune(Pass):
                            note="weights are pruned during the next distill pass")
         return model
 
-    def _structured(self, model: TorchModel, ctx: PassContext) -> TorchModel:
-        import torch
-
-        from optitool_prune.structured import prune_sequential
-
-        cfg: PruneConfig = self.config
-        before = sum(p.numel() for p in model.module.parameters())
-        try:
-            layout = ctx.architecture(model.module)
-        except PassError as exc:
-            seq = next((m for m in [model.module, *model.module.modules()] if isinstance(m, torch.nn.Sequential)),
-                       None)
-            if seq is None:
-                raise PassError(f"structured pruning finds transformer layers by role, and nn.Sequential stacks of "
-                                f"Linear/Conv2d layers; this model is neither: {exc}. Use pattern = 'unstructured' "
-                                "or '2:4'") from None
-            try:
-                details = prune_sequential(seq, cfg.sparsity, cfg.scope)
-            except ValueError as err:
-                raise PassError(f"structured pruning: {err}") from None
-        else:
-            details = self._structured_transformer(model, layout, ctx)
-        after = sum(p.numel() for p in model.module.parameters())
-        model.masks = {}
-        ctx.metrics.update(pattern="structured", target=cfg.target, parameters_before=before,
-                           parameters_removed=before - after, **details)
-        return model
-
-    def _structured_transformer(self, model: TorchModel, layout: Any, ctx: PassContext) -> dict[str, Any]:
-        """MLP channels, heads or blocks of a transformer whose layers the architecture registry knows."""
-        from optitool_prune.structured import block_importance, prune_blocks, prune_heads, prune_mlp
-        from optitool_prune.wanda import input_norms
+    def _instead(self, ctx: PassContext) -> Pass:
+        """The pass `pattern = "structured"` now stands for, with the same settings; the stage says what to write."""
+        from optitool_prune.structured_passes import (
+            DepthConfig,
+            DepthPrune,
+            StructuredConfig,
+            StructuredPrune,
+        )
 
         cfg: PruneConfig = self.config
-        arch = layout.architecture
-        details: dict[str, Any] = {"family": arch.family}
-        changed: dict[str, Any] = {}
         if cfg.target == "layers":
-            importance = block_importance(model.module, layout, self._calibration_batches(model, ctx))
-            info, changed = prune_blocks(layout, cfg.sparsity, importance)
-            return {**details, **info, "config_changed": changed}
-        blocks = list(layout.blocks)
-        norms: dict[str, Any] | None = None
-        if cfg.criterion == "wanda":  # activation norms entering the down and output projections
-            watched = {f"{i}.{role}": b.get_submodule(path) for i, b in enumerate(blocks)
-                       for role, path in (("mlp", arch.mlp_out), ("attention", arch.attention_out))}
-            norms = input_norms(model.module, watched, self._calibration_batches(model, ctx))
-        if "ffn" in cfg.target:
-            by_block = {i: norms[f"{i}.mlp"] for i in range(len(blocks))} if norms else None
-            info, config = prune_mlp(layout, cfg.sparsity, cfg.scope, by_block)
-            details.update(info)
-            changed.update(config)
-        if "heads" in cfg.target:
-            by_block = {i: norms[f"{i}.attention"] for i in range(len(blocks))} if norms else None
-            names = {m: n for n, m in model.module.named_modules()}
-            info, overrides, config = prune_heads(layout, cfg.sparsity, cfg.scope, by_block, names)
-            details.update(info)
-            changed.update(config)
-            for name, attrs in overrides.items():
-                model.overrides[name] = {**model.overrides.get(name, {}), **attrs}
-        return {**details, "config_changed": changed}
+            instead: Pass = DepthPrune(DepthConfig(sparsity=cfg.sparsity, calibration_samples=cfg.calibration_samples))
+            write = f'pass = "depth_prune", sparsity = {cfg.sparsity}'
+        else:
+            settings: dict[str, Any] = {"sparsity": cfg.sparsity, "target": cfg.target, "scope": cfg.scope,
+                                        "criterion": cfg.criterion}
+            if cfg.criterion == "wanda":
+                settings["calibration_samples"] = cfg.calibration_samples
+            instead = StructuredPrune(StructuredConfig(**settings))
+            write = "pass = \"structured_prune\", " + ", ".join(
+                f"{k} = {v!r}".replace("'", '"') for k, v in settings.items())
+        ctx.flag(f"magnitude_prune with pattern = 'structured' is deprecated and goes in the next release; write "
+                 f"{write}")
+        return instead

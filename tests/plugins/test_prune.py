@@ -48,7 +48,7 @@ def test_masks_are_recorded_and_exclude_patterns_work(tmp_path):
 
 
 def test_structured_removes_units_and_the_stage_reloads(tmp_path):
-    result = run_snippet(MLP + '[[passes]]\npass = "magnitude_prune"\npattern = "structured"\nsparsity = 0.5\n'
+    result = run_snippet(MLP + '[[passes]]\npass = "structured_prune"\nsparsity = 0.5\n'
                                'scope = "layer"\n', tmp_path)
     module = result.stages[1].artifact.module
     assert module[0].out_features == 32 and module[2].in_features == 32 and module[4].in_features == 32
@@ -56,7 +56,7 @@ def test_structured_removes_units_and_the_stage_reloads(tmp_path):
     assert metrics["parameters"] < result.report["stages"][0]["metrics"]["parameters"]
     from optitool.models.loaders import LOADERS, load_stage
 
-    reloaded = load_stage(result.run_dir / "01-magnitude_prune", LOADERS).module
+    reloaded = load_stage(result.run_dir / "01-structured_prune", LOADERS).module
     x = torch.randn(3, 16)
     assert torch.allclose(reloaded(x), module(x), atol=1e-6)
 
@@ -71,8 +71,7 @@ max_length = 16
 source = "folder"
 path = "{optitool_text_folder}"
 [[passes]]
-pass = "magnitude_prune"
-pattern = "structured"
+pass = "structured_prune"
 target = "ffn+heads"
 sparsity = 0.5
 scope = "layer"
@@ -85,7 +84,7 @@ pass = "onnx_export"
     assert result.report["stages"][2]["metrics"]["export_max_abs_diff"] < 1e-3
     from optitool.models.loaders import LOADERS, load_stage
 
-    reloaded = load_stage(result.run_dir / "01-magnitude_prune", LOADERS)
+    reloaded = load_stage(result.run_dir / "01-structured_prune", LOADERS)
     assert reloaded.module.encoder.layer[0].attention.self.num_attention_heads == 2
 
 
@@ -101,6 +100,42 @@ def test_nm_on_incompatible_width_is_a_clear_error(tmp_path):
                                       {"pattern": "structured", "sparsity": 0.25}])
 def test_contract(settings, tmp_path):
     check_pass_contract(MagnitudePrune, settings=settings, tmp_path=tmp_path)
+
+
+def test_structured_contract(tmp_path):
+    from optitool_prune.structured_passes import StructuredPrune
+
+    check_pass_contract(StructuredPrune, settings={"sparsity": 0.25}, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ('sparsity = 0.5\ntarget = "ffn"', "target has no effect with pattern = 'unstructured'"),
+    ('sparsity = 0.5\ncalibration_samples = 8', "calibration_samples has no effect with criterion = 'magnitude'"),
+    ('sparsity = 0.5\nfrequency = 5', "frequency has no effect with schedule = 'oneshot'"),
+    ('pattern = "2:4"\nscope = "layer"', "scope has no effect with pattern = '2:4'"),
+    ('pattern = "structured"\nsparsity = 0.5\nexclude = ["x"]', "exclude has no effect with pattern = 'structured'"),
+    ('pattern = "structured"\ntarget = "layers"\nsparsity = 0.5\ncriterion = "wanda"',
+     "criterion has no effect with target = 'layers'"),
+])
+def test_a_setting_without_effect_in_its_mode_is_refused_by_validate(tmp_path, settings, message):
+    """A typo or a misunderstanding must never silently do nothing: four to six of magnitude_prune's ten
+    settings apply in any one mode, and the others used to be ignored."""
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    (tmp_path / "p.toml").write_text(MLP + f'[[passes]]\npass = "magnitude_prune"\n{settings}\n')
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_pattern_structured_still_runs_for_a_release_and_says_what_to_write(tmp_path):
+    result = run_snippet(MLP + '[[passes]]\npass = "magnitude_prune"\npattern = "structured"\nsparsity = 0.5\n'
+                               'scope = "layer"\n', tmp_path)
+    stage = result.report["stages"][1]
+    assert stage["metrics"]["parameters_removed"] > 0
+    assert any('write pass = "structured_prune", sparsity = 0.5, target = "ffn", scope = "layer"' in f
+               for f in stage["flags"]), stage["flags"]
 
 
 def test_wanda_keeps_small_weights_on_a_loud_input_channel_that_magnitude_prunes():
@@ -171,7 +206,7 @@ def test_structured_decoder_pruning_equals_the_original_with_those_parts_zeroed(
     from optitool.architectures import find_architecture
     from optitool.models.loaders import LOADERS, load_stage
 
-    passes = ('[[passes]]\npass = "magnitude_prune"\npattern = "structured"\ntarget = "ffn+heads"\nsparsity = 0.5\n'
+    passes = ('[[passes]]\npass = "structured_prune"\ntarget = "ffn+heads"\nsparsity = 0.5\n'
               f'scope = "layer"\ncriterion = "{criterion}"\n[[passes]]\npass = "onnx_export"\n')
     snippet = _decoder_snippet(optitool_tiny_causal_lm, optitool_text_folder, passes)
     result = run_snippet(snippet, tmp_path)
@@ -199,7 +234,7 @@ def test_structured_decoder_pruning_equals_the_original_with_those_parts_zeroed(
     ids = torch.randint(4, 30, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(pruned(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-5)
-    reloaded = load_stage(result.run_dir / "01-magnitude_prune", LOADERS).module
+    reloaded = load_stage(result.run_dir / "01-structured_prune", LOADERS).module
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, pruned(input_ids=ids).logits, atol=1e-6)
     if llama:  # the config alone rebuilds the pruned architecture
@@ -213,7 +248,7 @@ def test_depth_pruning_drops_the_block_that_changes_the_hidden_state_least(
         tmp_path, optitool_tiny_causal_lm, optitool_text_folder):
     from optitool.models.loaders import LOADERS, load_stage
 
-    passes = '[[passes]]\npass = "magnitude_prune"\npattern = "structured"\ntarget = "layers"\nsparsity = 0.5\n'
+    passes = '[[passes]]\npass = "depth_prune"\nsparsity = 0.5\n'
     snippet = _decoder_snippet(optitool_tiny_causal_lm, optitool_text_folder, passes)
     result = run_snippet(snippet, tmp_path)
     base, pruned = (s["metrics"] for s in result.report["stages"])
@@ -222,7 +257,7 @@ def test_depth_pruning_drops_the_block_that_changes_the_hidden_state_least(
     assert "generation_agreement" in pruned and pruned["perplexity"] > base["perplexity"]
     module = result.stages[1].artifact.module
     assert len(find_blocks(module)) == 1 and next(iter(pruned["config_changed"].values())) == 1
-    reloaded = load_stage(result.run_dir / "01-magnitude_prune", LOADERS).module
+    reloaded = load_stage(result.run_dir / "01-depth_prune", LOADERS).module
     ids = torch.randint(4, 30, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(reloaded.generate(ids, max_new_tokens=4, do_sample=False),
@@ -240,8 +275,7 @@ def test_depth_pruning_without_calibration_data_is_refused_before_loading(tmp_pa
 
     from optitool.cli import cli
 
-    (tmp_path / "p.toml").write_text(MLP + '[[passes]]\npass = "magnitude_prune"\npattern = "structured"\n'
-                                           'target = "layers"\nsparsity = 0.5\n')
+    (tmp_path / "p.toml").write_text(MLP + '[[passes]]\npass = "depth_prune"\nsparsity = 0.5\n')
     result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
     assert result.exit_code == 2 and "calibration" in result.output, result.output
 
