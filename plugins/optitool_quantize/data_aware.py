@@ -19,7 +19,7 @@ import fnmatch
 import time
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from optitool import Pass, PassConfig, PassContext, PassError, TorchModel, is_conv1d
 
@@ -35,6 +35,16 @@ class GridConfig(PassConfig):
     include: list[str] = Field(default_factory=lambda: ["*"], description="module name patterns covered")
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE),
                                description="module name patterns left in float (the head by default)")
+    bits_per_weight: float | None = Field(
+        None, ge=4, le=8, description="with bits = 4: mixed precision, the average code bits of the covered weights "
+        "(scales and zero points not counted); the layers whose rounding costs the most KL on the calibration "
+        "split per parameter keep 8 bits, as many as this allows")
+
+    @model_validator(mode="after")
+    def _mixed(self) -> GridConfig:
+        if self.bits_per_weight is not None and self.bits != 4:
+            raise ValueError(f"bits_per_weight has no effect with bits = {self.bits}: it mixes 4- and 8-bit layers")
+        return self
 
     @field_validator("block_size")
     @classmethod
@@ -56,9 +66,28 @@ class GridQuantize(Pass):
     def data_needs(self) -> dict[str, str]:
         return {"calibration": "inputs"}
 
-    def round_weight(self, weight: Any, hessian: Any) -> Any:  # pragma: no cover - abstract
-        """`weight` [out, in] on its grids, given its inputs' Gram matrix [in, in]."""
+    def round_weight(self, weight: Any, hessian: Any, bits: int) -> Any:  # pragma: no cover - abstract
+        """`weight` [out, in] on its `bits`-bit grids, given its inputs' Gram matrix [in, in]."""
         raise NotImplementedError
+
+    def _plan(self, model: TorchModel, batches: list[dict[str, Any]], ctx: PassContext) -> dict[str, int]:
+        """Bits per covered layer: `bits` for all, or the measured 4/8 mix under bits_per_weight."""
+        from optitool_quantize.mixed import average_bits, layer_sensitivity, plan_bits
+
+        cfg: GridConfig = self.config
+        layers = self._layers(model.module, "")
+        self._check(layers)
+        if cfg.bits_per_weight is None:
+            return dict.fromkeys(layers, cfg.bits)
+        transposed = {n for n, layer in layers.items() if is_conv1d(layer)}
+        sensitivity = layer_sensitivity(model.module, layers, batches, bits=4, block_size=cfg.block_size,
+                                        symmetric=cfg.symmetric, transposed=transposed, device=ctx.device)
+        sizes = {n: layer.weight.numel() for n, layer in layers.items()}
+        plan = plan_bits(sizes, sensitivity, cfg.bits_per_weight)
+        ctx.metrics.update(bits_per_weight=round(average_bits(sizes, plan), 4),
+                           layers_in_8_bits=sorted(n for n, b in plan.items() if b == 8),
+                           layer_sensitivity={n: round(v, 6) for n, v in sensitivity.items()})
+        return plan
 
     def run(self, model: TorchModel, ctx: PassContext) -> TorchModel:
         import torch
@@ -73,13 +102,13 @@ class GridQuantize(Pass):
         except PassError:
             layout = None  # no known blocks: every covered layer is calibrated in one pass over the model
         started = time.perf_counter()
+        plan = self._plan(model, batches, ctx)
         errors: dict[str, tuple[float, float]] = {}
         if layout is None:
             layers = self._layers(module, "")
-            self._check(layers)
             hessians = _Gram()
             observe_inputs(module, layers, batches, hessians.add, device=ctx.device)
-            self._round_all(layers, hessians, errors)
+            self._round_all(layers, hessians, errors, plan)
         else:
             found = {}
             with ctx.progress(len(layout.blocks), f"{self.name}: blocks") as progress, torch.no_grad():
@@ -89,7 +118,7 @@ class GridQuantize(Pass):
                     if layers:
                         hessians = _Gram()
                         feed.observe(layers, hessians.add)
-                        self._round_all(layers, hessians, errors)
+                        self._round_all(layers, hessians, errors, plan)
                     progress.update(1)
             self._check(found)
         ours = sum(e[0] for e in errors.values())
@@ -121,7 +150,8 @@ class GridQuantize(Pass):
             raise PassError(f"{self.name}: no Linear or Conv1D layer matches include={cfg.include} "
                             f"exclude={cfg.exclude}")
 
-    def _round_all(self, layers: dict[str, Any], hessians: _Gram, errors: dict[str, tuple[float, float]]) -> None:
+    def _round_all(self, layers: dict[str, Any], hessians: _Gram, errors: dict[str, tuple[float, float]],
+                   plan: dict[str, int]) -> None:
         from optitool_quantize.grids import round_to_grid, weighted_error
         cfg: GridConfig = self.config
         for name, layer in layers.items():
@@ -135,8 +165,8 @@ class GridQuantize(Pass):
                 raise PassError(f"{self.name}: {name} has {weight.shape[1]} input channels, not a multiple of "
                                 f"block_size {cfg.block_size}; choose a block_size that divides it or exclude it")
             hessian = hessians.matrix(name)
-            rounded = self.round_weight(weight, hessian)
-            nearest, _, _ = round_to_grid(weight, cfg.bits, cfg.block_size, cfg.symmetric)
+            rounded = self.round_weight(weight, hessian, plan[name])
+            nearest, _, _ = round_to_grid(weight, plan[name], cfg.block_size, cfg.symmetric)
             errors[name] = (weighted_error(weight, rounded, hessian), weighted_error(weight, nearest, hessian))
             layer.weight.data.copy_((rounded.t() if transposed else rounded).to(layer.weight.dtype))
 
@@ -167,11 +197,11 @@ class Imatrix(GridQuantize):
     name = "imatrix"
     Config = ImatrixConfig
 
-    def round_weight(self, weight: Any, hessian: Any) -> Any:
+    def round_weight(self, weight: Any, hessian: Any, bits: int) -> Any:
         from optitool_quantize.grids import round_to_grid
 
         cfg: ImatrixConfig = self.config
-        rounded, _, _ = round_to_grid(weight, cfg.bits, cfg.block_size, cfg.symmetric, importance=hessian)
+        rounded, _, _ = round_to_grid(weight, bits, cfg.block_size, cfg.symmetric, importance=hessian)
         return rounded
 
 
@@ -189,10 +219,10 @@ class Gptq(GridQuantize):
     name = "gptq"
     Config = GptqConfig
 
-    def round_weight(self, weight: Any, hessian: Any) -> Any:
+    def round_weight(self, weight: Any, hessian: Any, bits: int) -> Any:
         from optitool_quantize.gptq import gptq
 
         cfg: GptqConfig = self.config
-        rounded, _, _ = gptq(weight, hessian, bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric,
+        rounded, _, _ = gptq(weight, hessian, bits=bits, block_size=cfg.block_size, symmetric=cfg.symmetric,
                              damping=cfg.damping, search=cfg.search_grid, act_order=cfg.act_order)
         return rounded

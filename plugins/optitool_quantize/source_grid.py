@@ -154,16 +154,27 @@ class SourceGridResult(NamedTuple):
     replaced: dict[str, str]  # MatMulNBits node name -> digest of the float weight it replaced
 
 
-def embedding_tables(graph: Any) -> dict[str, Any]:
-    """Gather nodes' tables [vocabulary, hidden] that are initializers, by name."""
-    from onnx import numpy_helper
+def embedding_tables(graph: Any) -> dict[str, tuple[Any, Any]]:
+    """Gather nodes (axis 0) whose table [vocabulary, hidden] is a constant, by node name: (the table, the
+    Transpose node it comes through, if any). onnxruntime-genai's builder stores a tied table once, as the
+    head's weight [hidden, vocabulary], and gathers from Transpose(that weight)."""
+    from onnx import helper, numpy_helper
 
     weights = {i.name: i for i in graph.initializer}
+    transposes = {n.output[0]: n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights}
     found = {}
     for node in graph.node:
-        table = weights.get(node.input[0]) if node.op_type == "Gather" else None
-        if table is not None and len(table.dims) == 2:
-            found[table.name] = numpy_helper.to_array(table)
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or axis != 0:
+            continue
+        if node.input[0] in weights and len(weights[node.input[0]].dims) == 2:
+            found[node.name] = (numpy_helper.to_array(weights[node.input[0]]), None)
+        elif node.input[0] in transposes:
+            transpose = transposes[node.input[0]]
+            perm = next((helper.get_attribute_value(a) for a in transpose.attribute if a.name == "perm"), None)
+            source = weights[transpose.input[0]]
+            if len(source.dims) == 2 and list(perm or [1, 0]) == [1, 0]:
+                found[node.name] = (numpy_helper.to_array(source).T, transpose)
     return found
 
 
@@ -181,7 +192,7 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
 
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
-    vocabularies = {t.shape[0] for t in embedding_tables(graph).values()}
+    vocabularies = {table.shape[0] for table, _ in embedding_tables(graph).values()}
     nodes, changed, exact, total, eight_bit, with_offsets = [], 0, 0, 0, [], []
     replaced: dict[str, str] = {}
     sums: dict[str, str] = {}
@@ -296,14 +307,14 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, head_bits: int =
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             heads.setdefault(attrs["N"], []).append(node)
     ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in [*graph.input, *graph.value_info]}
+    found = embedding_tables(graph)
     nodes, tables, shared, widths = [], 0, 0, []
     for node in graph.node:
-        table = arrays.get(node.input[0]) if node.op_type == "Gather" else None
-        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-        if table is None or len(table.dims) != 2 or axis != 0 or table.dims[1] % block_size:
+        values = found[node.name][0] if node.name in found else None
+        if values is None or values.shape[1] % block_size:
             nodes.append(node)
             continue
-        values = numpy_helper.to_array(table)
+        table_name = node.input[0]
         vocabulary, hidden = values.shape
         blocks = hidden // block_size
         tied = digest(values.T)
@@ -323,13 +334,20 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, head_bits: int =
                 wider = integer_grid(values.T, 8, block_size)
                 grid, width = (wider, 8) if wider.exact_blocks >= EXACT_SHARE * wider.blocks else (
                     integer_grid(values.T, head_bits, block_size), head_bits)
-            data = f"{table.name}_q{width}"
+            data = f"{table_name}_q{width}"
             graph.initializer.append(numpy_helper.from_array(pack(grid.codes, width), data))
             scale_values = grid.scales.reshape(vocabulary, blocks)
             zero_values = grid.zeros if (grid.zeros != 2 ** (width - 1)).any() else None
-        base = f"{table.name}_gather_q{width}"
+        base = f"{table_name}_gather_q{width}"
         inputs = [data, node.input[1], f"{base}_scales"]
-        graph.initializer.append(numpy_helper.from_array(scale_values.reshape(vocabulary, blocks, 1), f"{base}_scales"))
+        shaped = [numpy_helper.from_array(np.array([vocabulary, blocks, 1], np.int64), f"{base}_scales_shape")]
+        if head is not None:  # the head's scales, read as [vocabulary, blocks, 1]: stored once in the file
+            nodes.append(helper.make_node("Reshape", [head.input[2], f"{base}_scales_shape"], [f"{base}_scales"],
+                                          name=f"{node.name}_scales"))
+            graph.initializer.extend(shaped)
+        else:
+            graph.initializer.append(numpy_helper.from_array(scale_values.reshape(vocabulary, blocks, 1),
+                                                             f"{base}_scales"))
         if zero_values is not None:  # one per block: each packed on its own (the axis they run along has size 1)
             packed = pack_zero_points(zero_values.reshape(-1, 1), width).reshape(vocabulary, blocks, 1)
             graph.initializer.append(numpy_helper.from_array(packed, f"{base}_zeros"))
@@ -343,6 +361,8 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, head_bits: int =
                   helper.make_node("Reshape", [f"{node.output[0]}_blocks", shape], [node.output[0]],
                                    name=f"{node.name}_unblock")]
         tables, widths = tables + 1, [*widths, width]
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    nodes = [n for n in nodes if n.op_type != "Transpose" or any(o in used for o in n.output)]  # gathered from
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}

@@ -201,3 +201,59 @@ def test_validate_names_the_setting_of_a_bad_block_size(tmp_path):
                                      '[[passes]]\npass = "imatrix"\nblock_size = 24\n')
     result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
     assert result.exit_code == 2 and "block_size" in result.output, result.output
+
+
+def test_the_mixed_precision_plan_fills_the_size_target_and_never_passes_it():
+    from optitool_quantize.mixed import average_bits, plan_bits
+
+    sizes = {"a": 100, "b": 300, "c": 50, "d": 550}
+    sensitivity = {"a": 5.0, "b": 3.0, "c": 0.1, "d": 4.0}  # per parameter: a, b, c, d
+    for target in (4.0, 4.5, 5.0, 6.0, 8.0):
+        plan = plan_bits(sizes, sensitivity, target)
+        assert average_bits(sizes, plan) <= target + 1e-12
+        for name in (n for n, b in plan.items() if b == 4):  # full: no layer left out would still fit
+            assert average_bits(sizes, {**plan, name: 8}) > target
+    assert plan_bits(sizes, sensitivity, 5.8) == {"a": 8, "b": 8, "c": 8, "d": 4}  # d does not fit, c does
+
+
+def test_mixed_precision_meets_its_size_target_exactly_in_the_deployed_graph(tmp_path, optitool_text_folder):
+    """gptq with bits_per_weight: the most sensitive layers in 8 bits, the average of the code bits at most the
+    target; the ONNX graph stores each layer in the bits the plan gave it, and its average is the same number."""
+    folder, _ = _tiny(tmp_path, "llama")
+    snippet = (f'[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nenabled = false\n'
+               f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nlabel_field = ""\n'
+               'splits = { calibration = 0.5, eval = 0.5 }\n'
+               '[[passes]]\npass = "gptq"\nblock_size = 16\ncalibration_samples = 8\nbits_per_weight = 5.0\n'
+               '[[passes]]\npass = "onnx_export"\n'
+               '[[passes]]\npass = "weight_only_quantize"\nbits = 4\nblock_size = 16\ngrid = "source"\n')
+    result = run_snippet(snippet, tmp_path)
+    rounded, _, stored = (s["metrics"] for s in result.report["stages"][1:])
+    assert 4 < rounded["bits_per_weight"] <= 5.0 and rounded["layers_in_8_bits"]
+    sensitivity = rounded["layer_sensitivity"]
+    chosen = set(rounded["layers_in_8_bits"])
+    assert min(sensitivity[n] for n in chosen) > 0
+    graph = onnx.load(result.run_dir / result.report["stages"][3]["artifact"]).graph
+    from onnx import helper
+
+    def attr(node, name):
+        return helper.get_attribute_value(next(a for a in node.attribute if a.name == name))
+
+    blocks = [(attr(n, "bits"), attr(n, "K") * attr(n, "N")) for n in graph.node
+              if n.op_type == "MatMulNBits" and n.output[0] != "logits"]  # the tied head is not the pass's
+    assert sum(b == 8 for b, _ in blocks) == len(chosen) and len(blocks) == 2 * 7
+    assert sum(b * n for b, n in blocks) / sum(n for _, n in blocks) == pytest.approx(rounded["bits_per_weight"],
+                                                                                        abs=1e-4)
+    assert stored["weights_with_offsets"] == 0
+
+
+@pytest.mark.parametrize(("setting", "message"), [("bits_per_weight = 3.5", "bits_per_weight"),
+                                                  ("bits = 8\nbits_per_weight = 5.0", "bits_per_weight has no effect")])
+def test_a_size_target_no_mix_can_meet_is_refused_by_validate(tmp_path, setting, message):
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    (tmp_path / "p.toml").write_text('[model]\nsource = "python"\nfactory = "optitool.testing:tiny_mlp"\n'
+                                     f'[model.inputs]\nx = ["batch", 16]\n[[passes]]\npass = "gptq"\n{setting}\n')
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
+    assert result.exit_code == 2 and message in result.output, result.output

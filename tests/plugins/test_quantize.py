@@ -219,11 +219,14 @@ def test_a_tied_head_exported_as_a_transpose_of_the_embedding_is_materialized_an
     assert [n.op_type for n in model.graph.node] == ["Gather", "MatMul"] and np.array_equal(weights["head"], table.T)
 
 
+@pytest.mark.parametrize("layout", ["two tables", "gather from the head's transpose"])
 @pytest.mark.parametrize("on_grid", [True, False])
-def test_a_tied_embedding_shares_the_heads_codes_and_the_graph_computes_with_exactly_those_values(on_grid):
-    """Gather(table) ... MatMul(h, table^T): the head becomes MatMulNBits (8 bits: on the table's own Q8_0-like
-    grid, or rounded to nearest when it is on none), the Gather becomes GatherBlockQuantized reading the same
-    packed codes, and the graph's output equals a numpy computation with those dequantized values."""
+def test_a_tied_embedding_shares_the_heads_codes_and_the_graph_computes_with_exactly_those_values(on_grid, layout):
+    """Gather(table) ... MatMul(h, table^T), the table stored twice (torch.onnx) or once as the head's weight
+    with the Gather reading its Transpose (onnxruntime-genai's builder): the head becomes MatMulNBits (8 bits:
+    on the table's own Q8_0-like grid, or rounded to nearest when it is on none), the Gather becomes
+    GatherBlockQuantized reading the same packed codes, and the graph's output equals a numpy computation with
+    those dequantized values."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from optitool_quantize.nbits import dequantize
@@ -236,18 +239,23 @@ def test_a_tied_embedding_shares_the_heads_codes_and_the_graph_computes_with_exa
         blocks = table.reshape(vocab, -1, 16)
         step = np.abs(blocks).max(-1, keepdims=True) / 127
         table = (step * np.rint(blocks / step)).reshape(vocab, hidden).astype(np.float32)
+    if layout == "two tables":
+        nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed")]
+        weights = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(table.T.copy(), "head")]
+    else:
+        nodes = [helper.make_node("Transpose", ["head"], ["table_t"], name="embed_t", perm=[1, 0]),
+                 helper.make_node("Gather", ["table_t", "ids"], ["h"], name="embed")]
+        weights = [numpy_helper.from_array(table.T.copy(), "head")]
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
-         helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head")], "tied",
+        [*nodes, helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head")], "tied",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5, vocab])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(table.T.copy(), "head")])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5, vocab])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     found = quantize_matmuls_on_source_grid(model, 4, 16, 0, [], head_bits=8)
     embedded = quantize_embeddings(model, 4, 16, head_bits=8, replaced=found.replaced)
     assert found.nodes == 1 and embedded.tables == 1 and embedded.shared_with_head == 1 and embedded.bits == [8]
     ops = {n.op_type: n for n in model.graph.node}
-    assert set(ops) == {"GatherBlockQuantized", "Reshape", "MatMulNBits"}
+    assert set(ops) == {"GatherBlockQuantized", "Reshape", "MatMulNBits"}  # the Transpose went with the Gather
     assert ops["GatherBlockQuantized"].input[0] == ops["MatMulNBits"].input[1]  # stored once
     arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     head = dequantize(ops["MatMulNBits"], arrays)  # [hidden, vocab]
