@@ -2,18 +2,21 @@
 
 Candidates, all measured in this one process, generation calls interleaved (the order rotates every round):
 - torch fp32 with its KV cache (the greedy loop generate() runs), the baseline;
-- optitool's stages, made by `optitool run examples/smollm2_int4.toml` with overrides: the fp32 graph with
-  its KV cache from each exporter (dynamo, onnxruntime-genai's builder), int8 weight-only (min/max), int4
-  weight-only on the source grid and with onnxruntime's min/max grid; run with optitool's own decoder
-  (onnxruntime, the cache kept in onnxruntime between steps);
-- onnxruntime-genai's model builder and runtime (fp32, int8, int4), where onnxruntime-genai is installed;
+- optitool's stages, made by `optitool run examples/smollm2_int4.toml` with overrides: the fp32 graph with its
+  KV cache (onnxruntime-genai's builder as exporter), int8 weight-only (min/max), int4 on the GGUF file's own
+  Q4_1 grid (exact, with the offset term), int4 round to nearest (onnxruntime's min/max grid), and the
+  data-aware rows: imatrix and GPTQ (the example) with the tied head and embedding shared in 8 bits; run with
+  optitool's own decoder (onnxruntime, the cache kept in onnxruntime between steps);
+- onnxruntime-genai's model builder and runtime (fp32, int8, int4 with its default RTN, and int4 k_quant_mixed:
+  k-quants with an int8 head and llama.cpp's mixed layers), where onnxruntime-genai is installed;
 - Optimum's ORTModelForCausalLM where optimum is installed (it pins transformers<4.58, so not in the default
   environment: the table says so).
 Per candidate: perplexity on 40 BBC articles (<= 256 tokens each, unpadded), greedy agreement with torch fp32
 (8 prompts x 32 tokens), time to first token after a 128-token prompt and decode ms/token over 64 new tokens
 (batch 1, medians of the rounds with scaled MAD), files' size, and peak resident memory of one generation in a
-fresh process. Run: python -m benchmarks.smollm2_cpu [--rounds 10] [--reuse]. Writes
-benchmarks/results/smollm2_cpu.md and smollm2_cpu.json.
+fresh process; the time each model took to make; and the 4-bit issue's targets checked on the example's row.
+Run: python -m benchmarks.smollm2_cpu [--rounds 10] [--reuse]. Writes benchmarks/results/smollm2_cpu.md and
+smollm2_cpu.json.
 """
 
 from __future__ import annotations
@@ -38,22 +41,28 @@ THREADS = 2
 PROMPT, NEW_TOKENS = 128, 64
 AGREE_PROMPTS, AGREE_TOKENS = 8, 32
 PPL_ARTICLES, PPL_TOKENS = 40, 256
-# (label, overrides of examples/smollm2_int4.toml, stage folder): the models optitool makes
+# (label, overrides of examples/smollm2_int4.toml, stage folder): the models optitool makes. The example is
+# GPTQ -> genai export -> int4 on GPTQ's grids with the 8-bit tied head and embedding; the other rows switch
+# its first pass off or change it.
+NO_GPTQ = ["passes.0.enabled=false", 'passes.2.op_types=["MatMul"]']
 OPTITOOL_RUNS = {
-    "dynamo-int4": ['passes.0.exporter="dynamo"'],
-    "genai-int4": [],
-    "genai-int8": ["passes.1.bits=8", 'passes.1.grid="minmax"'],
-    "genai-int4-minmax": ['passes.1.grid="minmax"'],
+    "gptq-int4": [],
+    "imatrix-int4": ['passes.0.pass="imatrix"', "passes.0.act_order=__drop__"],
+    "rtn-int4": ['passes.0.enabled=false', 'passes.2.grid="minmax"', 'passes.2.op_types=["MatMul"]'],
+    "source-int4": NO_GPTQ,
+    "int8": [*NO_GPTQ, "passes.2.bits=8", 'passes.2.grid="minmax"'],
 }
 OPTITOOL_CANDIDATES = [
-    ("optitool fp32, dynamo export + KV cache", "dynamo-int4", "01-onnx_export"),
-    ("optitool fp32, genai exporter", "genai-int4", "01-onnx_export"),
-    ("optitool int8 weight-only (min/max)", "genai-int8", "02-weight_only_quantize"),
-    ("optitool int4 weight-only, source grid", "genai-int4", "02-weight_only_quantize"),
-    ("optitool int4 weight-only, source grid (dynamo graph)", "dynamo-int4", "02-weight_only_quantize"),
-    ("onnxruntime's int4 min/max grid (via optitool)", "genai-int4-minmax", "02-weight_only_quantize"),
+    ("optitool fp32, genai exporter", "source-int4", "01-onnx_export"),
+    ("optitool int8 weight-only (min/max)", "int8", "02-weight_only_quantize"),
+    ("optitool int4, source grid (Q4_1 kept exactly, offset term)", "source-int4", "02-weight_only_quantize"),
+    ("optitool int4, round to nearest (onnxruntime's min/max grid)", "rtn-int4", "02-weight_only_quantize"),
+    ("optitool int4 imatrix, 8-bit tied head/embedding", "imatrix-int4", "03-weight_only_quantize"),
+    ("optitool int4 GPTQ, 8-bit tied head/embedding (the example)", "gptq-int4", "03-weight_only_quantize"),
 ]
-GENAI_PRECISIONS = ("fp32", "int8", "int4")
+# (label, builder precision, --extra_options): onnxruntime-genai's own recipes
+GENAI_BUILDS = (("fp32", "fp32", ()), ("int8", "int8", ()), ("int4", "int4", ()),
+                ("int4 k_quant_mixed", "int4", ("algo_config=k_quant_mixed",)))
 
 
 @dataclass
@@ -83,17 +92,37 @@ def onnx_files(model: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- the models
+def example_variant(dropped: list[str]) -> Path:
+    """examples/smollm2_int4.toml with the settings `passes.N.key=__drop__` names removed (a setting another
+    pass has no use for). Its paths are `pkg:` ones, so the copy can live in the work folder."""
+    text = (ROOT / "examples/smollm2_int4.toml").read_text()
+    for item in dropped:
+        key = item.split("=")[0].split(".")[-1]
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{key} ="))
+    target = WORK / "smollm2" / "variant.toml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    return target
+
+
+seconds: dict[str, float] = {}  # wall time of each optitool run (load, passes, evaluation)
+
+
 def make_optitool_models(reuse: bool) -> dict[str, Path]:
     runs = {}
     for label, overrides in OPTITOOL_RUNS.items():
         out = WORK / "smollm2" / label
         if not (reuse and (out / "report.json").is_file()):
-            args = [sys.executable, "-m", "optitool.cli", "run", str(ROOT / "examples/smollm2_int4.toml"), "--output",
+            pipeline = example_variant([o for o in overrides if o.endswith("=__drop__")])
+            args = [sys.executable, "-m", "optitool.cli", "run", str(pipeline), "--output",
                     str(out), "--overwrite", "--no-benchmark", "--quiet"]
             for override in overrides:
-                args += ["--set", override]
+                if not override.endswith("=__drop__"):
+                    args += ["--set", override]
             print(f"making {label}: optitool run examples/smollm2_int4.toml {' '.join(overrides)}", flush=True)
+            started = time.time()
             subprocess.run(args, check=False)  # a budget that fails still leaves its stages
+            seconds[label] = time.time() - started
         runs[label] = out
     return runs
 
@@ -111,14 +140,16 @@ def hf_folder(model: Any, tokenizer: Any) -> Path:
 
 def make_genai_models(source: Path, reuse: bool) -> dict[str, Path]:
     built = {}
-    for precision in GENAI_PRECISIONS:
-        out = WORK / "smollm2" / f"ortgenai-{precision}"
+    for label, precision, extra in GENAI_BUILDS:
+        out = WORK / "smollm2" / f"ortgenai-{label.replace(' ', '-')}"
         if not (reuse and (out / "genai_config.json").is_file()):
-            print(f"making onnxruntime-genai {precision} with its model builder", flush=True)
+            print(f"making onnxruntime-genai {label} with its model builder", flush=True)
+            started = time.time()
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o",
-                            str(out), "-p", precision, "-e", "cpu", "-c", str(WORK / "smollm2" / "builder-cache")],
-                           check=True, capture_output=True)
-        built[precision] = out
+                            str(out), "-p", precision, "-e", "cpu", "-c", str(WORK / "smollm2" / "builder-cache"),
+                            *(["--extra_options", *extra] if extra else [])], check=True, capture_output=True)
+            seconds[f"genai {label}"] = time.time() - started
+        built[label] = out
     return built
 
 
@@ -322,6 +353,34 @@ def main() -> None:
     write(candidates, load, skipped, args.rounds, time.time() - started)
 
 
+EXAMPLE = "optitool int4 GPTQ"
+TARGET_PERPLEXITY, TARGET_MB, OVER_GENAI, OVER_INT8 = 0.01, 100, 1.0, 1.3
+
+
+def targets(candidates: list[Candidate]) -> list[str]:
+    """The 4-bit issue's targets for the GGUF model, read off the rows above: one model meeting all at once."""
+    by_name = {c.name: c for c in candidates}
+    example = next((c for c in candidates if c.name.startswith(EXAMPLE)), None)
+    int8 = next((c for c in candidates if c.name.startswith("optitool int8")), None)
+    genai = [c for n, c in by_name.items() if n.startswith("onnxruntime-genai int4")]
+    if example is None or int8 is None or not genai:
+        return ["", "Targets: not evaluated (a candidate they compare was not measured)."]
+    base = candidates[0].results["perplexity"]
+    rise = example.results["perplexity"] / base - 1
+    decode = float(np.median(example.decode_ms))
+    fastest = min(genai, key=lambda c: float(np.median(c.decode_ms)))
+    over_genai = float(np.median(fastest.decode_ms)) / decode
+    over_int8 = float(np.median(int8.decode_ms)) / decode
+    checks = [(f"perplexity +{rise:.2%} (target <= +{TARGET_PERPLEXITY:.0%})", rise <= TARGET_PERPLEXITY),
+              (f"{example.size_mb:.0f} MB (target <= {TARGET_MB})", example.size_mb <= TARGET_MB),
+              (f"decode {over_genai:.2f}x {fastest.name.split(' (')[0]} (target >= {OVER_GENAI})",
+               over_genai >= OVER_GENAI),
+              (f"decode {over_int8:.2f}x optitool int8 (target >= {OVER_INT8})", over_int8 >= OVER_INT8)]
+    return ["", f"Targets for the GGUF model, by the example's row ({example.name}; decode ratios are ratios of "
+            "medians from the one interleaved loop above):"] + [f"- {'met' if ok else 'NOT met'}: {text}"
+                                                                 for text, ok in checks]
+
+
 def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str], rounds: int, wall: float) -> None:
     base = candidates[0]
     header = ["candidate", "size MB", "perplexity", "vs torch fp32", "greedy agreement", "TTFT ms", "decode ms/token",
@@ -351,6 +410,17 @@ def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str],
              f"steal {load.get('steal_share')}, load average {load.get('load_average_1m')}). Wall time "
              f"{wall / 60:.1f} min.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += targets(candidates)
+    lines += ["", "Time to make each model on this machine (the optitool rows: the whole `optitool run` with "
+              "`--no-benchmark`, model loading and evaluation included; the rounding itself in brackets):"]
+    for label, spent in seconds.items():
+        report = WORK / "smollm2" / label / "report.json"
+        rounding = ""
+        if report.is_file():
+            stages = json.loads(report.read_text()).get("stages", [])
+            found = [s["metrics"]["grid_seconds"] for s in stages if "grid_seconds" in s.get("metrics", {})]
+            rounding = f" ({found[0]:.0f} s {stages[1]['pass']})" if found else ""
+        lines.append(f"- {label}: {spent:.0f} s{rounding}")
     if skipped:
         lines += ["", "Not measured:"] + [f"- {s}" for s in skipped]
     (HERE / "results").mkdir(exist_ok=True)
