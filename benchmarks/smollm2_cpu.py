@@ -47,6 +47,7 @@ PPL_ARTICLES, PPL_TOKENS = 40, 256
 NO_GPTQ = ["passes.0.enabled=false", 'passes.2.op_types=["MatMul"]']
 OPTITOOL_RUNS = {
     "gptq-int4": [],
+    "gptq-int4-head4": ["passes.2.head_bits=4"],
     "imatrix-int4": ['passes.0.pass="imatrix"', "passes.0.act_order=__drop__"],
     "rtn-int4": ['passes.0.enabled=false', 'passes.2.grid="minmax"', 'passes.2.op_types=["MatMul"]'],
     "source-int4": NO_GPTQ,
@@ -59,6 +60,7 @@ OPTITOOL_CANDIDATES = [
     ("optitool int4, round to nearest (onnxruntime's min/max grid)", "rtn-int4", "02-weight_only_quantize"),
     ("optitool int4 imatrix, 8-bit tied head/embedding", "imatrix-int4", "03-weight_only_quantize"),
     ("optitool int4 GPTQ, 8-bit tied head/embedding (the example)", "gptq-int4", "03-weight_only_quantize"),
+    ("optitool int4 GPTQ, 4-bit tied head/embedding", "gptq-int4-head4", "03-weight_only_quantize"),
 ]
 # (label, builder precision, --extra_options): onnxruntime-genai's own recipes
 GENAI_BUILDS = (("fp32", "fp32", ()), ("int8", "int8", ()), ("int4", "int4", ()),

@@ -86,7 +86,7 @@ class GridQuantize(Pass):
         plan = plan_bits(sizes, sensitivity, cfg.bits_per_weight)
         ctx.metrics.update(bits_per_weight=round(average_bits(sizes, plan), 4),
                            layers_in_8_bits=sorted(n for n, b in plan.items() if b == 8),
-                           layer_sensitivity={n: round(v, 6) for n, v in sensitivity.items()})
+                           layer_sensitivity={n: float(f"{v:.4g}") for n, v in sensitivity.items()})
         return plan
 
     def run(self, model: TorchModel, ctx: PassContext) -> TorchModel:

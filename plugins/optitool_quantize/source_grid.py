@@ -183,8 +183,10 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
     """Replace every MatMul whose weight is a 2-D initializer (K divisible by the block) with MatMulNBits on
     the grid its weight sits on, in place: an integer-zero-point grid where there is one (at `bits`, or at 8
     bits for a weight on no grid of `bits`: a Q8_0 embedding tied to the LM head), else a float-minimum grid
-    with the offset term, else min/max round to nearest, in `head_bits` for the LM head (a MatMul onto the
-    vocabulary of an embedding table: the layer small models are most sensitive in)."""
+    with the offset term, else min/max round to nearest. The LM head (the MatMul that gives the graph's
+    logits, or whose weight is an embedding table's transpose: the layer small models are most sensitive in,
+    and the largest read per token) goes in
+    `head_bits`, on its own grid of those bits where it has one (GGUF's Q8_0), else rounded to nearest."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -192,7 +194,8 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
 
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
-    vocabularies = {table.shape[0] for table, _ in embedding_tables(graph).values()}
+    tied = {digest(table.T) for table, _ in embedding_tables(graph).values()}
+    outputs = {o.name for o in graph.output}
     nodes, changed, exact, total, eight_bit, with_offsets = [], 0, 0, 0, [], []
     replaced: dict[str, str] = {}
     sums: dict[str, str] = {}
@@ -203,24 +206,24 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
             continue
         array = numpy_helper.to_array(weight)
         replaced[f"{node.name}_Q"] = digest(array)
+        head = node.output[0] in outputs or replaced[f"{node.name}_Q"] in tied  # gives logits, or is the table
         k, n = array.shape
         blocks = k // block_size
         attrs: dict[str, Any] = {"K": k, "N": n, "block_size": block_size}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         x, out = node.input[0], node.output[0]
-        grid, width = integer_grid(array, bits, block_size), bits
-        if n in vocabularies and head_bits != bits and grid.exact_blocks < EXACT_SHARE * grid.blocks:
-            grid, width = integer_grid(array, head_bits, block_size), head_bits  # a float head: its own width
-            if head_bits == 8:
-                eight_bit.append(weight.name)
-        if grid.exact_blocks < EXACT_SHARE * grid.blocks and bits < 8:
+        # the LM head: in head_bits, on its own grid of those bits or rounded to nearest
+        grid, width = integer_grid(array, head_bits if head else bits, block_size), head_bits if head else bits
+        if head and head_bits == 8 and bits < 8:
+            eight_bit.append(weight.name)
+        if grid.exact_blocks < EXACT_SHARE * grid.blocks and width < 8 and not head:
             wider = integer_grid(array, 8, block_size)
             if wider.exact_blocks >= EXACT_SHARE * wider.blocks:
                 grid, width = wider, 8
                 eight_bit.append(weight.name)
         floating = None
-        if grid.exact_blocks < EXACT_SHARE * grid.blocks:
+        if grid.exact_blocks < EXACT_SHARE * grid.blocks and not head:
             for candidate_bits in dict.fromkeys((bits, 8)):
                 found = quantize_on_source_grid(array, candidate_bits, block_size)
                 if found.exact_blocks >= EXACT_SHARE * found.blocks:

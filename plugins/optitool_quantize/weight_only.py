@@ -22,8 +22,9 @@ class WeightOnlyConfig(PassConfig):
     op_types: list[Literal["MatMul", "Gather"]] = Field(
         default_factory=lambda: ["MatMul"], description="MatMul weights; Gather adds the embedding table")
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names left in float")
-    head_bits: Literal[4, 8] = Field(8, description="grid = source: bits of an LM head (and of a tied embedding) "
-                                     "that sits on no grid; small models lose most there")
+    head_bits: Literal[4, 8] = Field(8, description="grid = source: bits of the LM head (and of a tied "
+                                     "embedding): small models lose most there, and it is the largest matrix read "
+                                     "per token")
     grid: Literal["minmax", "source"] = Field(
         "minmax", description="minmax: onnxruntime's quantizer (block min/max, integer zero point); source: "
         "store exactly the grid each block already sits on (weights a gptq or imatrix pass rounded, GGUF "
