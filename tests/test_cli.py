@@ -39,7 +39,7 @@ def test_passes_schema_of_one_pass():
 
 def test_plugins_lists_origin_and_registrations():
     out = invoke("plugins").output
-    assert "built-in" in out and "passes: magnitude_prune" in out and "loaders:" in out
+    assert "built-in" in out and "passes: depth_prune, magnitude_prune, structured_prune" in out and "loaders:" in out
 
 
 @pytest.mark.parametrize("body, extra, fragment", [

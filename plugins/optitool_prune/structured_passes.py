@@ -14,8 +14,12 @@ from optitool import Pass, PassConfig, PassContext, PassError, TorchModel
 
 def refuse_unused(config: PassConfig, unused: dict[str, str]) -> None:
     """A setting the user wrote that has no effect in the chosen mode is an error naming it and why (a typo or
-    a misunderstanding must never silently do nothing). `unused`: setting -> why it has no effect."""
-    written = [k for k in unused if k in config.model_fields_set]
+    a misunderstanding must never silently do nothing). `unused`: setting -> why it has no effect. A setting
+    written with its default value passes: a resolved pipeline (every default filled in, as report.json and
+    the stage cache keep it) must load again."""
+    fields = type(config).model_fields
+    written = [k for k in unused if k in config.model_fields_set
+               and getattr(config, k) != fields[k].get_default(call_default_factory=True)]
     if written:
         raise ValueError("; ".join(f"{k} has no effect {unused[k]}" for k in written) + ": remove it")
 

@@ -19,16 +19,17 @@ import fnmatch
 import time
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from optitool import Pass, PassConfig, PassContext, PassError, TorchModel, is_conv1d
+from optitool_quantize.nbits import BlockSize
 
 DEFAULT_EXCLUDE = ["*lm_head*", "*classifier*", "*score*", "*pooler*"]
 
 
 class GridConfig(PassConfig):
     bits: Literal[4, 8] = Field(4, description="bits per weight")
-    block_size: int = Field(32, ge=16, le=256, description="input channels sharing one scale and zero point (a power "
+    block_size: BlockSize = Field(32, description="input channels sharing one scale and zero point (a power "
                             "of 2; weight_only_quantize must use the same)")
     symmetric: bool = Field(False, description="zero point fixed at the middle code (no zero points stored)")
     calibration_samples: int = Field(32, ge=1, description="calibration token blocks (causal LMs) or examples")
@@ -46,12 +47,6 @@ class GridConfig(PassConfig):
             raise ValueError(f"bits_per_weight has no effect with bits = {self.bits}: it mixes 4- and 8-bit layers")
         return self
 
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"block_size must be a power of 2 (16, 32, 64, 128 or 256), not {value}")
-        return value
 
 
 class GridQuantize(Pass):

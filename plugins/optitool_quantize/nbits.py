@@ -8,7 +8,19 @@ whole bytes; without them the zero point is 2**(bits-1). W[k, n] = scale * (q - 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
+
+
+def check_block_size(value: int) -> int:
+    """MatMulNBits takes blocks of a power of 2 (16 to 256) input channels: a settings validator."""
+    if value & (value - 1):
+        raise ValueError(f"block_size must be a power of 2 (16, 32, 64, 128 or 256), not {value}")
+    return value
+
+
+BlockSize = Annotated[int, Field(ge=16, le=256), AfterValidator(check_block_size)]
 
 
 def pack(codes: Any, bits: int) -> Any:

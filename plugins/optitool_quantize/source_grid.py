@@ -265,14 +265,23 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
                   helper.make_node("MatMul", [sums[x], f"{base}_offsets"], [f"{out}_offset"], name=f"{node.name}_off"),
                   helper.make_node("Add", [f"{out}_nbits", f"{out}_offset"], [out], name=f"{node.name}_add")]
         changed, exact, total = changed + 1, exact + floating.exact_blocks, total + floating.blocks
+    replace_nodes(model, nodes, contrib=bool(changed))
+    return SourceGridResult(changed, exact, total, eight_bit, with_offsets, replaced)
+
+
+def replace_nodes(model: Any, nodes: list[Any], *, contrib: bool) -> None:
+    """The graph's nodes become `nodes`; initializers nothing reads any more go; with `contrib`, the
+    com.microsoft opset (MatMulNBits, GatherBlockQuantized) is declared."""
+    from onnx import helper
+
+    graph = model.graph
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}
     for initializer in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(initializer)
-    if changed and not any(o.domain == "com.microsoft" for o in model.opset_import):
+    if contrib and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return SourceGridResult(changed, exact, total, eight_bit, with_offsets, replaced)
 
 
 def digest(array: Any) -> str:
@@ -366,13 +375,7 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, head_bits: int =
         tables, widths = tables + 1, [*widths, width]
     used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
     nodes = [n for n in nodes if n.op_type != "Transpose" or any(o in used for o in n.output)]  # gathered from
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    for initializer in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(initializer)
-    if tables and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    replace_nodes(model, nodes, contrib=bool(tables))
     return EmbeddingResult(tables, shared, widths)
 
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from optitool import OnnxModel, Pass, PassConfig, PassContext, PassError
+from optitool_quantize.nbits import BlockSize
 from optitool_quantize.source_grid import quantize_embeddings, quantize_matmuls_on_source_grid
 
 
 class WeightOnlyConfig(PassConfig):
     bits: Literal[4, 8] = Field(4, description="bits per weight")
-    block_size: int = Field(32, ge=16, le=256, description="input channels sharing one scale (a power of 2)")
+    block_size: BlockSize = Field(32, description="input channels sharing one scale (a power of 2)")
     symmetric: bool = Field(False, description="no zero point (asymmetric keeps a minimum per block, as Q4_1)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         0, description="onnxruntime's compute type for the MatMul: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8")
@@ -30,12 +31,6 @@ class WeightOnlyConfig(PassConfig):
         "store exactly the grid each block already sits on (weights a gptq or imatrix pass rounded, GGUF "
         "Q4_x/Q8_0 files; min/max where there is none), MatMul weights only")
 
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"block_size must be a power of 2 (16, 32, 64, 128 or 256), not {value}")
-        return value
 
 
 class WeightOnlyQuantize(Pass):

@@ -109,7 +109,7 @@ def test_structured_contract(tmp_path):
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ('sparsity = 0.5\ntarget = "ffn"', "target has no effect with pattern = 'unstructured'"),
+    ('sparsity = 0.5\ntarget = "heads"', "target has no effect with pattern = 'unstructured'"),
     ('sparsity = 0.5\ncalibration_samples = 8', "calibration_samples has no effect with criterion = 'magnitude'"),
     ('sparsity = 0.5\nfrequency = 5', "frequency has no effect with schedule = 'oneshot'"),
     ('pattern = "2:4"\nscope = "layer"', "scope has no effect with pattern = '2:4'"),
