@@ -65,12 +65,16 @@ class GridQuantize(Pass):
         """`weight` [out, in] on its `bits`-bit grids, given its inputs' Gram matrix [in, in]."""
         raise NotImplementedError
 
-    def _plan(self, model: TorchModel, batches: list[dict[str, Any]], ctx: PassContext) -> dict[str, int]:
-        """Bits per covered layer: `bits` for all, or the measured 4/8 mix under bits_per_weight."""
+    def _plan(self, model: TorchModel, batches: list[dict[str, Any]], ctx: PassContext,
+              layout: Any) -> dict[str, int]:
+        """Bits per covered layer (inside the blocks, when the model has known blocks): `bits` for all, or the
+        measured 4/8 mix under bits_per_weight."""
         from optitool_quantize.mixed import average_bits, layer_sensitivity, plan_bits
 
         cfg: GridConfig = self.config
         layers = self._layers(model.module, "")
+        if layout is not None:
+            layers = {n: m for n, m in layers.items() if n.startswith(f"{layout.blocks_path}.")}
         self._check(layers)
         if cfg.bits_per_weight is None:
             return dict.fromkeys(layers, cfg.bits)
@@ -97,7 +101,7 @@ class GridQuantize(Pass):
         except PassError:
             layout = None  # no known blocks: every covered layer is calibrated in one pass over the model
         started = time.perf_counter()
-        plan = self._plan(model, batches, ctx)
+        plan = self._plan(model, batches, ctx, layout)
         errors: dict[str, tuple[float, float]] = {}
         if layout is None:
             layers = self._layers(module, "")
