@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from optitool import atomic
+from optitool.user_code import reference_file
 
 MANIFEST = "manifest.json"
 MASKS = "masks.safetensors"
@@ -88,28 +89,6 @@ def code_digest(file: str | Path | None) -> str:
         digest.update(str(source.relative_to(root)).encode())
         digest.update(file_digest(source).encode())
     return digest.hexdigest()
-
-
-def reference_file(reference: str, base_dir: Path, where: str) -> Path | None:
-    """The file a `module:callable` or `file.py:callable` reference names, found as the import would find
-    it (the pipeline's folder first), without importing it; None when it cannot be found."""
-    import importlib.util
-    import sys
-
-    from optitool.paths import resolve_path
-
-    module_name = reference.partition(":")[0]
-    if module_name.endswith(".py"):
-        path = resolve_path(module_name, base_dir, where=where)
-        return path if path.is_file() else None
-    sys.path.insert(0, str(base_dir))
-    try:
-        found = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError):
-        found = None
-    finally:
-        sys.path.remove(str(base_dir))
-    return Path(found.origin) if found is not None and found.origin and Path(found.origin).is_file() else None
 
 
 def _named_files(table: dict[str, Any], keys: tuple[str, ...], base_dir: Path, where: str) -> list[Path]:

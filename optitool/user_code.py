@@ -57,3 +57,35 @@ def resolve_callable(reference: str, base_dir: Path, where: str) -> Callable[...
     return target
 
 
+def reference_file(reference: str, base_dir: Path, where: str) -> Path | None:
+    """The file a `module:callable` or `file.py:callable` reference names, found as the import would find
+    it (the pipeline's folder first), without importing it; None when it cannot be found."""
+    import importlib.util
+    import sys
+
+    from optitool.paths import resolve_path
+
+    module_name = reference.partition(":")[0]
+    if module_name.endswith(".py"):
+        path = resolve_path(module_name, base_dir, where=where)
+        return path if path.is_file() else None
+    sys.path.insert(0, str(base_dir))
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        sys.path.remove(str(base_dir))
+    return Path(found.origin) if found is not None and found.origin and Path(found.origin).is_file() else None
+
+
+def portable_reference(reference: str, base_dir: Path) -> str:
+    """A `factory`/`function` reference that still names the same code when read from another folder (a saved
+    stage's origin, a benchmark or a search re-measuring it): a `file.py:fn` path made absolute, and a
+    top-level module found in the pipeline's folder written as its file's absolute path."""
+    module_name, _, attr = reference.partition(":")
+    if module_name.endswith(".py") or "." not in module_name:
+        found = reference_file(reference, base_dir, "[model].factory")
+        if found is not None and (module_name.endswith(".py") or found.resolve().parent == base_dir.resolve()):
+            return f"{found.resolve()}:{attr}"
+    return reference

@@ -53,10 +53,14 @@ class Loader:
     @staticmethod
     def origin(spec: ModelSpec, base_dir: Path) -> dict[str, Any]:
         """The `[model]` table with paths made absolute, so a saved stage can be rebuilt from anywhere."""
+        from optitool.user_code import portable_reference
+
         table = spec.model_dump(exclude_none=True)
         for key in ("path", "checkpoint"):
             if key in table:
                 table[key] = str(resolve_path(table[key], base_dir, where="[model]").resolve())
+        if isinstance(table.get("factory"), str):
+            table["factory"] = portable_reference(table["factory"], base_dir)
         return table
 
 

@@ -218,3 +218,18 @@ def test_a_gguf_file_transformers_cannot_load_is_refused_before_loading(tmp_path
         writer.close()
     with pytest.raises(ConfigError, match=fragment):
         LOADERS["gguf"].validate(ModelSpec(source="gguf", path=str(path)), tmp_path, "test")
+
+
+@pytest.mark.parametrize("factory", ["models.py:make", "models:make"])
+def test_a_stage_origin_names_the_factory_so_it_loads_from_any_folder(tmp_path, mlp_module, factory, monkeypatch):
+    """A search re-measured its front from the origins of the trials' stages, resolved against '/', and a
+    pipeline whose factory was a file beside it failed at the very end ("/models.py does not exist")."""
+    from optitool.models.loaders import LOADERS
+    from optitool.spec import ModelSpec
+
+    spec = ModelSpec(source="python", factory=factory, inputs={"x": {"shape": ["batch", 16]}})
+    origin = LOADERS["python"].origin(spec, tmp_path)
+    assert origin["factory"] == f"{(tmp_path / 'models.py').resolve()}:make"
+    monkeypatch.chdir("/")
+    model = LOADERS["python"].load(ModelSpec.model_validate(origin), Path("/"))
+    assert type(model.module).__name__ == "Sequential"
