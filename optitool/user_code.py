@@ -82,10 +82,12 @@ def reference_file(reference: str, base_dir: Path, where: str) -> Path | None:
 def portable_reference(reference: str, base_dir: Path) -> str:
     """A `factory`/`function` reference that still names the same code when read from another folder (a saved
     stage's origin, a benchmark or a search re-measuring it): a `file.py:fn` path made absolute, and a
-    top-level module found in the pipeline's folder written as its file's absolute path."""
+    top-level module whose file lies in the pipeline's folder written as that file's absolute path."""
     module_name, _, attr = reference.partition(":")
-    if module_name.endswith(".py") or "." not in module_name:
-        found = reference_file(reference, base_dir, "[model].factory")
-        if found is not None and (module_name.endswith(".py") or found.resolve().parent == base_dir.resolve()):
-            return f"{found.resolve()}:{attr}"
-    return reference
+    if module_name.endswith(".py"):
+        file = resolve_path(module_name, base_dir, where="[model].factory")
+    elif "." not in module_name:
+        file = base_dir / f"{module_name}.py"
+    else:
+        return reference
+    return f"{file.resolve()}:{attr}" if file.is_file() else reference
