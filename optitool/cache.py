@@ -104,16 +104,22 @@ def _named_files(table: dict[str, Any], keys: tuple[str, ...], base_dir: Path, w
     return named
 
 
+def _table_identity(table: dict[str, Any], file_keys: tuple[str, ...], code_key: str, base_dir: Path,
+                    where: str) -> str:
+    """A pipeline table with the content of every file it names and the source of the code it names."""
+    named = _named_files(table, file_keys, base_dir, where)
+    reference = table.get(code_key)
+    code = ""
+    if isinstance(reference, str) and ":" in reference:
+        code = code_digest(reference_file(reference, base_dir, f"{where}.{code_key}"))
+    return hashlib.sha256((json.dumps(table, sort_keys=True, default=str) + files_digest(named) + code
+                           ).encode()).hexdigest()
+
+
 def model_identity(model_table: dict[str, Any], base_dir: Path) -> str:
     """The `[model]` table with the content of every file or folder it names (paths, checkpoints) and the
     source of a Python factory, so an edited checkpoint or factory is a different model."""
-    named = _named_files(model_table, ("path", "checkpoint", "file", "gguf_file"), base_dir, "[model]")
-    factory = model_table.get("factory")
-    code = ""
-    if isinstance(factory, str) and ":" in factory:
-        code = code_digest(reference_file(factory, base_dir, "[model].factory"))
-    return hashlib.sha256((json.dumps(model_table, sort_keys=True, default=str) + files_digest(named) + code
-                           ).encode()).hexdigest()
+    return _table_identity(model_table, ("path", "checkpoint", "file", "gguf_file"), "factory", base_dir, "[model]")
 
 
 def data_identity(data_table: dict[str, Any] | None, base_dir: Path) -> str | None:
@@ -121,13 +127,7 @@ def data_identity(data_table: dict[str, Any] | None, base_dir: Path) -> str | No
     dataset) and the source of a Python data function: other texts under the same names are other data."""
     if data_table is None:
         return None
-    named = _named_files(data_table, ("path",), base_dir, "[data].path")
-    function = data_table.get("function")
-    code = ""
-    if isinstance(function, str) and ":" in function:
-        code = code_digest(reference_file(function, base_dir, "[data].function"))
-    return hashlib.sha256((json.dumps(data_table, sort_keys=True, default=str) + files_digest(named) + code
-                           ).encode()).hexdigest()
+    return _table_identity(data_table, ("path",), "function", base_dir, "[data]")
 
 
 def stage_key(parts: dict[str, Any]) -> str:
