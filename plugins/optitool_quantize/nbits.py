@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field
 def check_block_size(value: int) -> int:
     """MatMulNBits takes blocks of a power of 2 (16 to 256) input channels: a settings validator."""
     if value & (value - 1):
-        raise ValueError(f"block_size must be a power of 2 (16, 32, 64, 128 or 256), not {value}")
+        raise ValueError("must be a power of 2: 16, 32, 64, 128 or 256")
     return value
 
 
