@@ -340,20 +340,43 @@ def _percent(text: str) -> float:
 @click.option("--max-metric-drop", type=float, default=0.01, show_default=True,
               help="Absolute drop allowed in accuracy, fidelity, macro F1 or top-1 agreement.")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table (for $GITHUB_STEP_SUMMARY).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON (every row, its interval).")
 @click.option("--allow-missing", is_flag=True,
               help="Do not fail when a measurement of BASE is missing from NEW (they are listed either way).")
+@click.option("--remeasure", is_flag=True,
+              help="BASE and NEW are run folders: load their stages and time them side by side here, in one "
+                   "interleaved loop; latency verdicts come from that loop (what a shared CI runner needs).")
+@click.option("--stage", "stages", multiple=True, help="With --remeasure: the stage(s) to time (default: the final).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="With --remeasure: where to time them.")
+@click.option("--min-seconds", type=float, default=5.0, show_default=True,
+              help="With --remeasure: at least this long per stage and shape (or the run's own, if longer).")
+@click.option("--min-iterations", type=int, default=30, show_default=True,
+              help="With --remeasure: at least this many rounds per shape (or the run's own, if more).")
 @click.pass_context
 @handled
 def compare(ctx: click.Context, base: str, new: str, max_regression: str, max_metric_drop: float,
-            markdown: bool, allow_missing: bool) -> None:
+            markdown: bool, as_json: bool, allow_missing: bool, remeasure: bool, stages: tuple[str, ...], device: str,
+            min_seconds: float, min_iterations: int) -> None:
     """Compare two reports; exit 1 when NEW regresses beyond the threshold and the noise, or lacks a
     measurement BASE has; exit 2 when either file is not an optitool report."""
     from optitool.compare import compare_reports, read_report, render
 
-    reports = [read_report(Path(path)) for path in (base, new)]
+    if stages and not remeasure:
+        raise ConfigError("--stage chooses what --remeasure times; without --remeasure every stage is compared")
+    if remeasure:
+        from optitool.bench.side_by_side import remeasure_runs
+
+        if min_seconds < 0 or min_iterations < 3:
+            raise ConfigError("--min-seconds must be >= 0 and --min-iterations >= 3")
+        reports = list(remeasure_runs(_plugins(ctx), Path(base), Path(new), stages=list(stages), device=device,
+                                      min_seconds=min_seconds, min_iterations=min_iterations,
+                                      say=lambda text: click.echo(text, err=True)))
+    else:
+        reports = [read_report(Path(path)) for path in (base, new)]
     result = compare_reports(reports[0], reports[1], max_regression=_percent(max_regression),
                              max_metric_drop=max_metric_drop, allow_missing=allow_missing)
-    click.echo(render(result, markdown=markdown))
+    click.echo(json.dumps(result, indent=2) if as_json else render(result, markdown=markdown))
     if result["failed"]:
         sys.exit(EXIT_FAILED)
 

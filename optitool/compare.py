@@ -9,6 +9,11 @@ interval (both samples resampled) lies entirely above 1. Quality metrics regress
 than `max_metric_drop` (absolute); artifact size and peak memory (one measurement each, so no interval)
 when they grow by more than the threshold. A measurement the base has and the new report lacks is
 `missing`, which fails the comparison too unless missing ones are allowed.
+
+Two measurements taken in one interleaved loop (`optitool compare --remeasure` loads both runs' stages and
+times them side by side) are compared round by round instead: the slowdown is the median of the per-round
+ratios with a bootstrap interval over rounds, and the drift allowance does not apply, because there was no
+time between them to drift in. That is what lets a shared CI runner see a 10 % regression.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from optitool.bench.memory import peak_mb
-from optitool.bench.stats import relative_spread, speedup_interval, spikes
+from optitool.bench.stats import paired_ratio_interval, relative_spread, speedup_interval, spikes
 from optitool.errors import ConfigError
 from optitool.report.table import markdown_table
 
@@ -52,17 +57,30 @@ def read_report(path: Path) -> dict[str, Any]:
     return report
 
 
+def side_by_side(ref: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Were the two measurements taken in one interleaved loop (`compare --remeasure`), round by round?"""
+    return (ref.get("loop") is not None and ref.get("loop") == new.get("loop")
+            and len(ref["samples_ms"]) == len(new["samples_ms"]))
+
+
 def _latency_row(stage: str, ref: dict[str, Any], new: dict[str, Any], max_regression: float) -> dict[str, Any]:
-    # speedup_interval(new, base) = median(new) / median(base): above 1 means slower now.
-    slow = speedup_interval(new["samples_ms"], ref["samples_ms"])
+    if side_by_side(ref, new):
+        # Timed moments apart under the same load: no drift between runs to allow for, and each round's
+        # ratio cancels what the machine did during that round.
+        slow = paired_ratio_interval(new["samples_ms"], ref["samples_ms"])
+        floor = max_regression
+    else:
+        # speedup_interval(new, base) = median(new) / median(base): above 1 means slower now.
+        slow = speedup_interval(new["samples_ms"], ref["samples_ms"])
+        floor = max(max_regression, DRIFT_FACTOR * relative_spread(ref["samples_ms"]),
+                    DRIFT_FACTOR * relative_spread(new["samples_ms"]))
     change = slow.ratio - 1
-    floor = max(max_regression, DRIFT_FACTOR * relative_spread(ref["samples_ms"]),
-                DRIFT_FACTOR * relative_spread(new["samples_ms"]))
     regressed = slow.low > 1.0 and change > floor
     improved = slow.high < 1.0 and -change > floor
     return {"stage": stage, "what": f"latency {new['runtime']} {new['shape']}", "base": ref["median_ms"],
             "new": new["median_ms"], "change": change, "noise_floor": floor, "interval": [slow.low - 1, slow.high - 1],
-            "spikes": [spikes(ref["samples_ms"]), spikes(new["samples_ms"])],
+            "spikes": [spikes(ref["samples_ms"]), spikes(new["samples_ms"])], "side_by_side": side_by_side(ref, new),
+            "busy": [reason for entry in (ref, new) for reason in (entry.get("load") or {}).get("reasons", [])],
             "verdict": "regression" if regressed else "improvement" if improved else "unchanged"}
 
 
@@ -159,6 +177,13 @@ def render(result: dict[str, Any], *, markdown: bool) -> str:
                     f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''})"
                     + (" (allowed)" if result["allow_missing"] else ": the comparison fails; pass "
                        "--allow-missing when that is intended"))
+    paired = [r for r in result["rows"] if r.get("side_by_side")]
+    if paired:
+        summary += (f"; {len(paired)} latency row(s) timed side by side in one interleaved loop here "
+                    "(change = median of the per-round ratios)")
+    busy = sorted({reason for r in result["rows"] for reason in r.get("busy", [])})
+    if busy:
+        summary += f"; the machine was busy while timing ({'; '.join(busy)}), so the intervals are wider"
     if markdown:
         return markdown_table(HEADER, rows) + "\n\n" + summary + "\n"
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADER)]

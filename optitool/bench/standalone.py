@@ -30,28 +30,38 @@ def _guess_source(path: Path) -> str:
                       "folder); pass --source")
 
 
+def run_targets(loaders: Any, run: Path, names: list[str] | None = None) -> list[BenchTarget]:
+    """The stages of a run folder (all, or those named) loaded for benchmarking; a stage whose folder cannot
+    be loaded is skipped with a warning when all are asked for, and refused when it was named."""
+    report = json.loads((run / "report.json").read_text())
+    targets = []
+    for stage in report["stages"]:
+        if names is not None and stage["name"] not in names:
+            continue
+        if stage["artifact"] is None:
+            spec = ModelSpec.model_validate(stage["origin"])  # paths in an origin are absolute
+            artifact = loaders[spec.source].load(spec, Path("/"))
+            folder = None
+        else:
+            folder = run / Path(stage["artifact"]).parent
+            try:
+                artifact = load_stage(folder, loaders)
+            except ConfigError as exc:
+                if names is not None:
+                    raise ConfigError(f"{run}: stage {stage['name']!r} cannot be loaded: {exc}") from None
+                logging.getLogger("optitool").warning("stage %s skipped: %s", stage["name"], exc)
+                continue
+        record = {"name": stage["name"], "pass": stage.get("pass"), "kind": artifact.kind,
+                  "metrics": stage.get("metrics", {}), "benchmarks": [], "flags": []}
+        targets.append(BenchTarget(stage["name"], artifact, record, folder))
+    return targets
+
+
 def _targets(plugins: Any, path: Path, source: str) -> tuple[list[BenchTarget], Any]:
     loaders = plugins.registry.loader_view()
-    tokenizer = None
     if source == "run":
-        report = json.loads((path / "report.json").read_text())
-        targets = []
-        for stage in report["stages"]:
-            if stage["artifact"] is None:
-                spec = ModelSpec.model_validate(stage["origin"])  # paths in an origin are absolute
-                artifact = loaders[spec.source].load(spec, Path("/"))
-                folder = None
-            else:
-                folder = path / Path(stage["artifact"]).parent
-                try:
-                    artifact = load_stage(folder, loaders)
-                except ConfigError as exc:
-                    logging.getLogger("optitool").warning("stage %s skipped: %s", stage["name"], exc)
-                    continue
-            tokenizer = tokenizer or getattr(artifact, "tokenizer", None)
-            record = {"name": stage["name"], "pass": stage.get("pass"), "kind": artifact.kind,
-                      "metrics": stage.get("metrics", {}), "benchmarks": [], "flags": []}
-            targets.append(BenchTarget(stage["name"], artifact, record, folder))
+        targets = run_targets(loaders, path)
+        tokenizer = next((t.artifact.tokenizer for t in targets if getattr(t.artifact, "tokenizer", None)), None)
         return targets, tokenizer
     if source not in loaders:
         raise ConfigError(f"--source {source!r} is not a known loader; known: {', '.join(sorted(loaders))}")
