@@ -212,7 +212,7 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
     passes = _build_passes(raw.get("passes", []), registry, where, overrides)
     _check_kinds(passes, registry, _initial_kind(model, registry), where)
     _check_runtimes(benchmark, registry, where)
-    _check_stage_names(passes, benchmark, budget, where)
+    _check_stage_names(passes, registry, benchmark, budget, where)
     _check_context(model, data, benchmark, registry, base_dir, where)
     _check_budget_shapes(benchmark, budget, where)
     task = _declared_task(model, registry, base_dir)
@@ -224,7 +224,8 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
                     spec.make(registry).check_task(task)
                 except ConfigError as exc:
                     raise ConfigError(f"{where}: passes[{spec.index}] (pass {spec.pass_name!r}): {exc}") from None
-    _check_data_needs(passes, registry, data, where)
+    _check_widths(passes, registry, model, base_dir, where)
+    _check_data_needs(passes, registry, data, task, where)
     search = _parse_search(raw, where)
     if search is not None:
         _check_search(search, raw, registry, base_dir, where, source)
@@ -322,10 +323,20 @@ def _check_kinds(passes: list[PassSpec], registry: Registry, kind: str, where: s
                           "\"optitool[gpu]\" on a CUDA machine, never both)")
 
 
-def _check_stage_names(passes: list[PassSpec], benchmark: BenchmarkSpec, budget: BudgetSpec | None,
-                       where: str) -> None:
-    """Stages named in [benchmark] and [budget] must be stages this pipeline makes."""
+def _check_stage_names(passes: list[PassSpec], registry: Registry, benchmark: BenchmarkSpec,
+                       budget: BudgetSpec | None, where: str) -> None:
+    """Stages named in [benchmark] and [budget] must be stages this pipeline makes, and a stage a pass
+    setting names (a distillation teacher) one made before that pass."""
     names = ["baseline"] + [p.stage_name for p in passes if p.enabled]
+    earlier = ["baseline"]
+    for spec in passes:
+        if not spec.enabled:
+            continue
+        for setting, name in spec.make(registry).stages_named().items():
+            if name not in earlier:
+                raise ConfigError(f"{where}: passes[{spec.index}] (pass {spec.pass_name!r}): {setting} = {name!r} is "
+                                  f"not a stage made before it; the stages before it are {', '.join(earlier)}")
+        earlier.append(spec.stage_name)
     wanted = [] if benchmark.stages == "all" else [("[benchmark].stages", s) for s in benchmark.stages]
     if budget is not None and budget.stage != "final":
         wanted.append(("[budget].stage", budget.stage))
@@ -381,6 +392,7 @@ def _check_budget_shapes(benchmark: BenchmarkSpec, budget: BudgetSpec | None, wh
 
 
 LANGUAGE_MODEL_BUDGETS = ("max_perplexity_increase", "min_token_agreement", "min_generation_agreement")
+ENCODER_BUDGETS = ("max_accuracy_drop", "min_fidelity")
 
 
 def _declared_task(model: ModelSpec, registry: Registry, base_dir: Path) -> str | None:
@@ -391,8 +403,22 @@ def _declared_task(model: ModelSpec, registry: Registry, base_dir: Path) -> str 
 
 def _check_language_model_budget(task: str, budget: BudgetSpec | None, where: str) -> None:
     """Perplexity, token and generation agreement, time to first token and decode latency are measured for
-    causal language models only: on any other model such a budget could only ever fail, after the run."""
-    if budget is None or task == "text-generation":
+    causal language models only, and accuracy and fidelity (on the main output) for every other model: a
+    budget on what the model's task never measures could only ever fail, after the run."""
+    if budget is None:
+        return
+    if task == "text-generation":
+        asked = [f"[budget].{k}" for k in ENCODER_BUDGETS if getattr(budget, k) is not None]
+        if asked:
+            raise ConfigError(f"{where}: {asked[0]} is measured on classifiers and encoders, and [model] is a causal "
+                              "language model, which is judged per token: use max_perplexity_increase, "
+                              "min_token_agreement or min_generation_agreement instead")
+        plain = [shape for shape in budget.max_latency_ms or {} if not shape.endswith((" ttft", " decode"))] \
+            if isinstance(budget.max_latency_ms, dict) else []
+        if plain:
+            raise ConfigError(f"{where}: [budget].max_latency_ms has a limit for shape {plain[0]!r}, and a causal "
+                              "language model is timed in generation only: limit '<shape> ttft' (time to the first "
+                              f"token) or '<shape> decode' (each further token), e.g. '{plain[0]} decode'")
         return
     asked = [f"[budget].{k}" for k in LANGUAGE_MODEL_BUDGETS if getattr(budget, k) is not None]
     if isinstance(budget.max_latency_ms, dict):
@@ -404,9 +430,30 @@ def _check_language_model_budget(task: str, budget: BudgetSpec | None, where: st
                           'load a causal LM (task = "text-generation")')
 
 
-def _check_data_needs(passes: list[PassSpec], registry: Registry, data: DataSpec | None, where: str) -> None:
+def _check_widths(passes: list[PassSpec], registry: Registry, model: ModelSpec, base_dir: Path, where: str) -> None:
+    """Settings the model's layer widths cannot take (a quantization block that does not divide them) are
+    refused before anything loads, as far down the chain as the widths are known to hold."""
+    says = getattr(registry.loaders[model.source].obj, "weight_widths", None)
+    widths = says(model, base_dir) if says is not None else None
+    if not widths:
+        return
+    for spec in passes:
+        if not spec.enabled:
+            continue
+        instance = spec.make(registry)
+        try:
+            instance.check_widths(widths)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: passes[{spec.index}] (pass {spec.pass_name!r}): {exc}") from None
+        if not instance.keeps_widths:
+            return
+
+
+def _check_data_needs(passes: list[PassSpec], registry: Registry, data: DataSpec | None, task: str | None,
+                      where: str) -> None:
     """A pass that needs a split (or labels in it) says so in `data_needs`; a pipeline that cannot give
-    them is refused now rather than after the passes before it have run."""
+    them is refused now rather than after the passes before it have run. A causal LM's text is its own
+    labels (each next token)."""
     for spec in passes:
         if not spec.enabled:
             continue
@@ -416,7 +463,7 @@ def _check_data_needs(passes: list[PassSpec], registry: Registry, data: DataSpec
                 raise ConfigError(f"{here} needs a {split!r} split of real data, and the pipeline has none; add a "
                                   f"[data] table that reads examples (folder, jsonl, csv, ...) with a {split} "
                                   f"entry in [data.splits], e.g. splits = {{ {split} = 0.5, eval = 0.2 }}")
-            if what == "labels" and not data.has_labels:
+            if what == "labels" and not data.has_labels and task != "text-generation":
                 raise ConfigError(f"{here} needs labels in the {split!r} split, and [data] declares none "
                                   "(label_field is empty); give the data labels or change the pass's settings")
 
@@ -473,6 +520,46 @@ def _parse_search(raw: dict[str, Any], where: str) -> SearchSpec | None:
         raise ConfigError(format_validation_error(exc, where, ("search",))) from None
 
 
+RANGE_VALUES_CHECKED = 256  # an integer range this short has every value checked, not only its ends
+
+
+def _values_to_check(value: list[Any] | Range) -> list[Any]:
+    """Every value a parameter can take where they can be listed (choices, a grid, a short integer range: a
+    pass may refuse one in the middle, like a block size that is not a power of 2), else a range's ends."""
+    if not isinstance(value, Range):
+        return list(value)
+    if value.step is not None:
+        return value.grid()
+    if value.integer and value.high - value.low < RANGE_VALUES_CHECKED:
+        return list(range(int(value.low), int(value.high) + 1))
+    return value.ends()
+
+
+LANGUAGE_MODEL_OBJECTIVES = ("perplexity", "token_agreement", "kl_to_baseline", "generation_agreement")
+
+
+def _check_objectives_for_task(search: SearchSpec, raw: dict[str, Any], registry: Registry, base_dir: Path,
+                               where: str) -> None:
+    """A causal LM is judged per token, anything else on its main output: an objective its task never
+    reports would leave every trial without a value (and the search without a result)."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or model.get("source") not in registry.loaders:
+        return
+    task = _declared_task(ModelSpec.model_validate(model), registry, base_dir)
+    if task is None:
+        return
+    causal = task == "text-generation"
+    for name in search.objectives:
+        if causal and name in registry.metrics:
+            raise ConfigError(f"{where}: [search] objective {name!r} is measured on classifiers and encoders, and "
+                              "[model] is a causal language model: use one of "
+                              f"{', '.join(LANGUAGE_MODEL_OBJECTIVES)}, latency_ms or size_mb")
+        if not causal and name in LANGUAGE_MODEL_OBJECTIVES:
+            raise ConfigError(f"{where}: [search] objective {name!r} is measured for causal language models only, "
+                              f"and [model] is a {task!r} model: use one of {', '.join(sorted(registry.metrics))}, "
+                              "latency_ms or size_mb")
+
+
 def _check_search(search: SearchSpec, raw: dict[str, Any], registry: Registry, base_dir: Path, where: str,
                  source: Path | None) -> None:
     """Every parameter names an existing pass setting, and the pipeline with each of its values (both ends
@@ -495,7 +582,7 @@ def _check_search(search: SearchSpec, raw: dict[str, Any], registry: Registry, b
                               f"{', '.join(sorted(known))}")
         if search.sampler == "grid" and isinstance(value, Range) and value.step is None:
             raise ConfigError(f"{here}: a range in a grid search needs a step")
-        for candidate in (value.ends() if isinstance(value, Range) else value):
+        for candidate in _values_to_check(value):
             trial = copy.deepcopy(base)
             set_parameter(trial, key, candidate)
             try:
@@ -507,6 +594,7 @@ def _check_search(search: SearchSpec, raw: dict[str, Any], registry: Registry, b
     if unknown:
         raise ConfigError(f"{where}: [search] objective {unknown[0]!r} is no metric a stage reports; objectives "
                           f"name one of {', '.join(known)}")
+    _check_objectives_for_task(search, raw, registry, base_dir, where)
     bench = raw.get("benchmark", {})
     if "latency_ms" in search.objectives and isinstance(bench, dict) and bench.get("enabled") is False:
         raise ConfigError(f"{where}: [search] objective 'latency_ms' needs the benchmark; [benchmark] "

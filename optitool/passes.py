@@ -42,6 +42,9 @@ class Pass:
     compresses: ClassVar[bool] = False  # prunes, quantizes or shrinks: what a later distillation recovers from
     takes: ClassVar[str | tuple[str, ...]] = "torch"
     gives: ClassVar[str] = "same"
+    # Never changes what a linear layer reads (its input width): the widths a model's files declare still
+    # hold after it, so the passes after it can be checked against them before anything loads.
+    keeps_widths: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -60,6 +63,16 @@ class Pass:
     def check_task(self, task: str) -> None:
         """Refuse, before anything loads, a setting that cannot work for the task the model's files declare
         ("text-generation" for a causal LM; called only when the loader can tell; raise ConfigError)."""
+
+    def check_widths(self, widths: dict[str, int]) -> None:
+        """Refuse, before anything loads, a setting the model's linear layers cannot take. `widths` are their
+        input widths by role, as the model's files declare them (see `Loader.weight_widths`: "hidden",
+        "attention", "mlp"); called only when the loader can tell and every pass before kept them."""
+
+    def stages_named(self) -> dict[str, str]:
+        """Settings that name an earlier stage of the pipeline (setting -> stage name): refused before anything
+        runs when the pipeline makes no such stage before this pass."""
+        return {}
 
     def processes(self) -> int:
         """How many processes this pass trains on (torch.distributed); above 1, `optitool run` runs under

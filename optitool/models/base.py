@@ -40,6 +40,14 @@ class Loader:
         it (None: unknown). Budgets only a language model can meet are refused before anything loads."""
         return None
 
+    def weight_widths(self, spec: ModelSpec, base_dir: Path) -> dict[str, int] | None:
+        """The input widths of the model's linear layers by role ("hidden": what the attention projections and
+        the MLP's first layers read; "attention": what the attention output projection reads; "mlp": what
+        the MLP's last layer reads), when its files say so without loading it (None: unknown). Settings
+        these widths cannot take (a quantization block that does not divide them) are refused before
+        anything loads."""
+        return None
+
     @staticmethod
     def existing(value: str, base_dir: Path, where: str) -> Path:
         path = resolve_path(value, base_dir, where=where)

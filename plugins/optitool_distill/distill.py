@@ -155,6 +155,10 @@ class Distill(Pass):
             raise PassError("the student model must be a torch model")
         return loaded
 
+    def stages_named(self) -> dict[str, str]:
+        name = self.config.teacher
+        return {} if name in ("auto", "previous") else {"teacher": name}
+
     def _teacher(self, model: TorchModel, ctx: PassContext) -> TorchModel:
         """Distilling a pruned model from itself teaches nothing: by default the teacher is the model as it
         was before the chain's first compression pass."""

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from optitool import (
     ConfigError,
@@ -43,6 +43,13 @@ class OnnxExportConfig(PassConfig):
     verify_batches: int = Field(2, ge=1, description="eval batches compared")
     verify_batch_size: int = Field(4, ge=1)
 
+    @model_validator(mode="after")
+    def _genai_has_a_cache(self) -> OnnxExportConfig:
+        if self.exporter == "genai" and self.kv_cache is False:
+            raise ValueError('exporter = "genai" always builds a graph with a KV cache (what onnxruntime-genai '
+                             'runs), so kv_cache = false cannot hold: drop it, or use exporter = "dynamo"')
+        return self
+
 
 def output_adapter(module: Any, input_names: list[str]) -> Any:
     """The module as exporters want it: positional tensors in a fixed order in, its main output only out.
@@ -62,6 +69,8 @@ def output_adapter(module: Any, input_names: list[str]) -> Any:
 
 class OnnxExport(Pass):
     """Export a torch model to ONNX and verify the result on real inputs."""
+
+    keeps_widths = True
 
     name = "onnx_export"
     Config = OnnxExportConfig
@@ -142,7 +151,7 @@ class OnnxExport(Pass):
 
         # Unpadded blocks of real text: what a decoder is evaluated on (logits at padding mean nothing)
         length = min(32, ctx.inputs.max_length)
-        blocks = token_blocks(ctx.inputs, "eval", length, seed=ctx.inputs.seed)[:cfg.verify_batches]
+        blocks = token_blocks(ctx.inputs, "eval", length, seed=ctx.inputs.seed, shapes_only=True)[:cfg.verify_batches]
         exported = self._finish(model, ctx, path, ["input_ids", "attention_mask"], [b.inputs for b in blocks])
         if cfg.verify:
             import torch

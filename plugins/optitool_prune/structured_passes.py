@@ -74,6 +74,10 @@ class StructuredPrune(Pass):
                 raise PassError(f"structured pruning finds transformer layers by role, and nn.Sequential stacks of "
                                 f"Linear/Conv2d layers; this model is neither: {exc}. Use magnitude_prune "
                                 "(unstructured or 2:4)") from None
+            if cfg.target != "ffn":
+                raise PassError(f"target = {cfg.target!r} prunes attention heads, and this model has none that the "
+                                f"architecture registry knows ({exc}); for an nn.Sequential stack, target = 'ffn' "
+                                "(the default) removes its hidden units") from None
             try:
                 details = prune_sequential(seq, cfg.sparsity, cfg.scope)
             except ValueError as err:
@@ -127,6 +131,8 @@ class DepthConfig(PassConfig):
 
 class DepthPrune(Pass):
     """Remove whole blocks, those that turn the hidden state least on calibration data (block influence)."""
+
+    keeps_widths = True
 
     name = "depth_prune"
     compresses = True

@@ -53,6 +53,8 @@ class GridQuantize(Pass):
     """What the data-aware passes share: calibration, the block-by-block walk, the covered layers, the
     comparison with round to nearest that every stage reports. A subclass says how one weight is rounded."""
 
+    keeps_widths = True
+
     compresses = True
     takes = "torch"
     gives = "torch"
@@ -60,6 +62,24 @@ class GridQuantize(Pass):
 
     def data_needs(self) -> dict[str, str]:
         return {"calibration": "inputs"}
+
+    def check_widths(self, widths: dict[str, int]) -> None:
+        """Every covered layer's input width must be whole blocks (the grids are per block of input channels).
+        With the default coverage the covered layers are the blocks' projections, whose widths the model's
+        files declare; a narrowed include/exclude is checked when the layers are known."""
+        from optitool.errors import ConfigError
+        from optitool_quantize.nbits import largest_dividing_block
+
+        cfg: GridConfig = self.config
+        if cfg.include != ["*"]:
+            return
+        for role, width in widths.items():
+            if width % cfg.block_size:
+                fits = largest_dividing_block(widths)
+                raise ConfigError(f"block_size = {cfg.block_size} does not divide the model's {role} width {width} "
+                                  f"(the input width of its {role} projections, read from its config); "
+                                  + (f"block_size = {fits} divides every width it has" if fits else
+                                     "no block size from 16 up divides them all"))
 
     def round_weight(self, weight: Any, hessian: Any, bits: int) -> Any:  # pragma: no cover - abstract
         """`weight` [out, in] on its `bits`-bit grids, given its inputs' Gram matrix [in, in]."""

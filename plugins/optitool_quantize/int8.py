@@ -43,6 +43,8 @@ class Int8Config(PassConfig):
 class Int8Quantize(Pass):
     """int8 weights (and activations): ONNX through onnxruntime, torch through torchao or torch.ao."""
 
+    keeps_widths = True
+
     name = "int8_quantize"
     compresses = True
     Config = Int8Config

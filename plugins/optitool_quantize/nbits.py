@@ -73,3 +73,9 @@ def dequantize(node: Any, initializers: dict[str, Any]) -> Any:
     else:
         zero = np.float32(2 ** (bits - 1))
     return (scales * (codes - zero)).reshape(n, blocks * block)[:, :k].T
+
+
+def largest_dividing_block(widths: dict[str, int], limit: int = 256) -> int:
+    """The largest power-of-2 block size (16 to `limit`) dividing every width; 0 when none does."""
+    return next((size for size in (256, 128, 64, 32, 16) if size <= limit
+                 and all(w % size == 0 for w in widths.values())), 0)

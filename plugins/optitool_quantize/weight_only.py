@@ -36,11 +36,25 @@ class WeightOnlyConfig(PassConfig):
 class WeightOnlyQuantize(Pass):
     """4- or 8-bit block-wise weight-only quantization of ONNX MatMul weights (onnxruntime MatMulNBits)."""
 
+    keeps_widths = True
+
     name = "weight_only_quantize"
     compresses = True
     Config = WeightOnlyConfig
     takes = "onnx"
     gives = "onnx"
+
+    def check_widths(self, widths: dict[str, int]) -> None:
+        """A weight narrower than one block cannot be stored in blocks (its width is its input channels)."""
+        from optitool.errors import ConfigError
+
+        cfg: WeightOnlyConfig = self.config
+        narrow = {role: width for role, width in widths.items() if width < cfg.block_size}
+        if narrow:
+            role, width = next(iter(narrow.items()))
+            raise ConfigError(f"block_size = {cfg.block_size} is wider than the model's {role} width {width} (the "
+                              "input width of its projections, read from its config): choose a block_size of "
+                              f"at most {width}")
 
     def run(self, model: OnnxModel, ctx: PassContext) -> OnnxModel:
         import onnx

