@@ -73,6 +73,21 @@ class HfLoader(Loader):
         found = [config.get(k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")]
         return next((int(v) for v in found if isinstance(v, int) and v > 0), None)
 
+    def weight_widths(self, spec: ModelSpec, base_dir: Path) -> dict[str, int] | None:
+        if not spec.path:
+            return None
+        config = hf_config(resolve_path(spec.path, base_dir, where="[model].path"))
+        hidden = _first_int(config, "hidden_size", "n_embd", "d_model", "dim")
+        if hidden is None:
+            return None
+        heads = _first_int(config, "num_attention_heads", "n_head")
+        head_dim = _first_int(config, "head_dim")
+        mlp = _first_int(config, "intermediate_size", "n_inner", "ffn_dim", "hidden_dim")
+        if mlp is None and config.get("model_type") == "gpt2":
+            mlp = 4 * hidden  # GPT-2's n_inner = null means four times the width
+        widths = {"hidden": hidden, "attention": heads * head_dim if heads and head_dim else hidden}
+        return widths | ({"mlp": mlp} if mlp else {})
+
     def generates(self, spec: ModelSpec, base_dir: Path) -> bool:
         """Whether this will load as a causal LM (benchmarked in generation), read from the folder's config."""
         if spec.task:
@@ -229,6 +244,19 @@ class GgufLoader(Loader):
             return None
         return length if isinstance(length, int) else None
 
+    def weight_widths(self, spec: ModelSpec, base_dir: Path) -> dict[str, int] | None:
+        path = resolve_path(spec.path, base_dir, where="[model].path")
+        try:
+            arch = gguf_field(path, "general.architecture")
+            hidden, mlp, heads, key_length = (gguf_field(path, f"{arch}.{key}") for key in (
+                "embedding_length", "feed_forward_length", "attention.head_count", "attention.key_length"))
+        except Exception:  # noqa: BLE001 - validate already refused a file it cannot read
+            return None
+        if not isinstance(hidden, int):
+            return None
+        attention = heads * key_length if isinstance(heads, int) and isinstance(key_length, int) else hidden
+        return {"hidden": hidden, "attention": attention} | ({"mlp": mlp} if isinstance(mlp, int) else {})
+
     def generates(self, spec: ModelSpec, base_dir: Path) -> bool:
         return True  # a GGUF file holds a causal LM
 
@@ -309,6 +337,11 @@ class StageLoader(Loader):
         return load_stage(resolve_path(spec.path, base_dir, where="[model].path"), self._loaders or LOADERS)
 
 
+def _first_int(config: dict[str, Any], *keys: str) -> int | None:
+    """The first of `keys` the config sets to a positive integer (families name the same width differently)."""
+    return next((config[k] for k in keys if isinstance(config.get(k), int) and config[k] > 0), None)
+
+
 def hf_config(folder: Path) -> dict[str, Any]:
     """A Hugging Face folder's config.json as a dict ({} when it cannot be read: load says why)."""
     try:
@@ -355,6 +388,16 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def _stage_meta(folder: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / "model.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{folder} has no model.json, so it is not a stage folder optitool saved") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder / 'model.json'} cannot be read ({exc}); the stage folder is damaged") from None
+    return meta if isinstance(meta, dict) else {}
+
+
 def load_stage(folder: Path, loaders: Mapping[str, Loader], base: TorchModel | None = None) -> ModelArtifact:
     """A saved stage as a model again. A torch stage is its origin model rebuilt to the recorded structure
     with the saved weights; `base` (that origin, already loaded) saves loading it again."""
@@ -371,9 +414,14 @@ def load_stage(folder: Path, loaders: Mapping[str, Loader], base: TorchModel | N
             tokenizer = AutoTokenizer.from_pretrained(meta["tokenizer"], local_files_only=True)
         return OnnxModel(folder / "model.onnx", tokenizer=tokenizer, input_names=meta.get("input_names", []),
                          task=meta.get("task"))
-    meta = json.loads((folder / "model.json").read_text())
+    meta = _stage_meta(folder)
+    if meta.get("kind") == "onnx":
+        raise ConfigError(f"stage {folder} is an ONNX stage whose model.onnx is missing; the folder is incomplete")
     if not meta.get("reloadable", True):
         raise ConfigError(f"stage {folder} was saved for the record only ({meta.get('why', 'not reloadable')})")
+    if "origin" not in meta or not (folder / "model.safetensors").is_file():
+        missing = "an origin in its model.json" if "origin" not in meta else "model.safetensors"
+        raise ConfigError(f"stage {folder} has no {missing}; the folder is incomplete or not a stage optitool saved")
     origin = ModelSpec.model_validate(meta["origin"])
     if origin.source not in loaders:
         raise ConfigError(f"stage {folder} was made from a model loaded by {origin.source!r}, a loader no plugin "
