@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from optitool_prune.magnitude import MagnitudePrune
@@ -59,6 +61,14 @@ def test_structured_removes_units_and_the_stage_reloads(tmp_path):
     reloaded = load_stage(result.run_dir / "01-structured_prune", LOADERS).module
     x = torch.randn(3, 16)
     assert torch.allclose(reloaded(x), module(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["heads", "ffn+heads"])
+def test_heads_asked_of_a_model_without_attention_are_refused_not_something_else_pruned(tmp_path, target):
+    from optitool.errors import RunError
+
+    with pytest.raises(RunError, match=re.escape(f"target = '{target}' prunes attention heads, and this model has none")):
+        run_snippet(MLP + f'[[passes]]\npass = "structured_prune"\nsparsity = 0.5\ntarget = "{target}"\n', tmp_path)
 
 
 def test_structured_heads_and_ffn_on_a_tiny_bert(tmp_path, optitool_tiny_bert, optitool_text_folder):
