@@ -61,13 +61,25 @@ def real_token_blocks(inputs: InputSource, split: str, length: int) -> list[Batc
     return _batched([ids[i:i + length] for i in range(0, len(ids) - length + 1, length)])
 
 
-def token_blocks(inputs: InputSource, split: str, length: int, *, seed: int) -> list[Batch]:
-    """`real_token_blocks`, or, when the split has no text at all, seeded random token blocks."""
+def token_blocks(inputs: InputSource, split: str, length: int, *, seed: int, shapes_only: bool = False) -> list[Batch]:
+    """`real_token_blocks` of the split. Seeded random token blocks stand in only where no real text is
+    wanted or none was given: with `shapes_only` (timing, checking an export against torch), or when the
+    data has no such split at all. A split that has examples whose text cannot fill one block is refused:
+    a perplexity scored (or a model trained) on random tokens would pass for one on the user's text."""
     import torch
+
+    from optitool.errors import ConfigError
 
     blocks = real_token_blocks(inputs, split, length)
     if blocks:
         return blocks
+    if inputs.has_split(split) and not shapes_only:
+        examples = inputs.dataset.split(split)
+        tokens = sum(len(inputs.tokenizer(e.text or "", add_special_tokens=False)["input_ids"]) for e in examples)
+        raise ConfigError(f"the {split!r} split holds {len(examples)} example(s) with {tokens} tokens of text in all, "
+                          f"less than one block of {length} tokens (the max_length of [data] or [model]), so there "
+                          "is nothing to score or train on: give the split more text (files that are not empty), or "
+                          "lower max_length")
     generator = torch.Generator().manual_seed(seed)
     vocab = len(inputs.tokenizer)
     return _batched(torch.randint(0, vocab, (RANDOM_BLOCKS, length), generator=generator).tolist())

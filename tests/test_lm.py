@@ -291,3 +291,22 @@ def test_cuda_decoding_is_refused_with_a_reason_where_there_is_no_gpu(tmp_path, 
     result = run_snippet(lm_snippet(folder, optitool_text_folder, '[[passes]]\npass = "onnx_export"\n'), tmp_path)
     with pytest.raises(RunError, match="no CUDAExecutionProvider"):
         optitool.open_decoder(result.run_dir / "01-onnx_export" / "model.onnx", device="cuda")
+
+
+@pytest.mark.parametrize("texts", [["the market rose", "sharply today"], ["", ""]])
+def test_eval_text_shorter_than_one_block_is_refused_not_scored_as_random_tokens(tmp_path, optitool_tiny_causal_lm,
+                                                                                 texts):
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    folder = tmp_path / "short"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i, text in enumerate(texts):
+            (folder / label / f"{i}.txt").write_text(text)
+    (tmp_path / "p.toml").write_text(lm_snippet(optitool_tiny_causal_lm, folder, ""))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "p.toml"), "-o", str(tmp_path / "run"), "--no-benchmark"])
+    assert result.exit_code == 2, result.output
+    assert "'eval' split holds" in result.output and "less than one block of 16 tokens" in result.output
+    assert not (tmp_path / "run" / "report.json").exists()

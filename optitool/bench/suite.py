@@ -116,7 +116,7 @@ def _measure_generation(chosen: list[Candidate], spec: BenchmarkSpec, device: st
     from optitool.lm import token_blocks
 
     assert length is not None
-    blocks = token_blocks(inputs, "eval", length, seed=inputs.seed)
+    blocks = token_blocks(inputs, "eval", length, seed=inputs.seed, shapes_only=True)
     rows = torch.cat([b.inputs["input_ids"] for b in blocks])  # real text, unpadded, `length` tokens each
     feeds = []
     for i in range(ROTATING_INPUTS):
