@@ -91,27 +91,34 @@ def code_digest(file: str | Path | None) -> str:
     return digest.hexdigest()
 
 
-def _named_files(table: dict[str, Any], keys: tuple[str, ...], base_dir: Path, where: str) -> list[Path]:
+MODEL_FILE_KEYS = ("path", "checkpoint", "file", "gguf_file")
+DATA_FILE_KEYS = ("path",)
+
+
+def input_files(table: dict[str, Any], file_keys: tuple[str, ...], code_key: str, base_dir: Path,
+                where: str) -> tuple[list[Path], Path | None]:
+    """The files and folders a pipeline table names that exist, and the file of the code it names (None
+    when it names none, or it cannot be found without importing)."""
     from optitool.paths import resolve_path
 
     named = []
-    for key in keys:
+    for key in file_keys:
         value = table.get(key)
         if isinstance(value, str) and value:
             path = resolve_path(value, base_dir, where=where)
             if path.exists():
                 named.append(path)
-    return named
+    reference = table.get(code_key)
+    code = (reference_file(reference, base_dir, f"{where}.{code_key}")
+            if isinstance(reference, str) and ":" in reference else None)
+    return named, code
 
 
 def _table_identity(table: dict[str, Any], file_keys: tuple[str, ...], code_key: str, base_dir: Path,
                     where: str) -> str:
     """A pipeline table with the content of every file it names and the source of the code it names."""
-    named = _named_files(table, file_keys, base_dir, where)
-    reference = table.get(code_key)
-    code = ""
-    if isinstance(reference, str) and ":" in reference:
-        code = code_digest(reference_file(reference, base_dir, f"{where}.{code_key}"))
+    named, code_file = input_files(table, file_keys, code_key, base_dir, where)
+    code = code_digest(code_file) if isinstance(table.get(code_key), str) and ":" in table[code_key] else ""
     return hashlib.sha256((json.dumps(table, sort_keys=True, default=str) + files_digest(named) + code
                            ).encode()).hexdigest()
 
@@ -119,7 +126,7 @@ def _table_identity(table: dict[str, Any], file_keys: tuple[str, ...], code_key:
 def model_identity(model_table: dict[str, Any], base_dir: Path) -> str:
     """The `[model]` table with the content of every file or folder it names (paths, checkpoints) and the
     source of a Python factory, so an edited checkpoint or factory is a different model."""
-    return _table_identity(model_table, ("path", "checkpoint", "file", "gguf_file"), "factory", base_dir, "[model]")
+    return _table_identity(model_table, MODEL_FILE_KEYS, "factory", base_dir, "[model]")
 
 
 def data_identity(data_table: dict[str, Any] | None, base_dir: Path) -> str | None:
@@ -127,7 +134,7 @@ def data_identity(data_table: dict[str, Any] | None, base_dir: Path) -> str | No
     dataset) and the source of a Python data function: other texts under the same names are other data."""
     if data_table is None:
         return None
-    return _table_identity(data_table, ("path",), "function", base_dir, "[data]")
+    return _table_identity(data_table, DATA_FILE_KEYS, "function", base_dir, "[data]")
 
 
 def stage_key(parts: dict[str, Any]) -> str:

@@ -20,6 +20,14 @@ def run_search(spec: PipelineSpec, registry: Any, folder: Path, *, executor: str
     if search is None or spec.source is None:
         raise ConfigError(f"{spec.source or 'pipeline'}: no [search] table; it names the settings to search, e.g.\n"
                           '[search]\ntrials = 12\n[search.parameters]\n"passes.0.sparsity" = { low = 0.3, high = 0.8 }')
+    if storage is not None:  # usage errors before the search folder is made
+        from optitool.search.study import check_storage
+
+        check_storage(storage)
+    if executor == "ray" and address is not None:
+        from optitool.search.executors import probe_cluster
+
+        probe_cluster(address)
     folder.mkdir(parents=True, exist_ok=True)
     with FolderLock(folder, what="search"):  # a second search on this folder would requeue this one's trials
         return _search_in(spec, registry, folder, executor, address, storage, cache, device, say)
@@ -48,11 +56,16 @@ def _search_in(spec: PipelineSpec, registry: Any, folder: Path, executor: str, a
         again = requeue_interrupted(study)
         if again:
             say(f"{again} trial(s) interrupted earlier will run again")
+    from optitool.search.shared_storage import pipeline_inputs
+
     runner = make_executor(executor, spec.source.resolve(), folder / "trials",
-                           cache.resolve() if cache is not None else None, device, search, address)
+                           cache.resolve() if cache is not None else None, device, search, address,
+                           pipeline_inputs(spec))
     try:
         say(f"searching {len(search.parameters)} settings with {search.sampler} "
-            f"({runner.capacity} trial(s) at a time, {executor}); trials in {folder / 'trials'}")
+            f"({runner.capacity} trial(s) at a time, {executor}"
+            + (f" on {runner.nodes} node(s), each seeing the search's files" if executor == "ray" else "")
+            + f"); trials in {folder / 'trials'}")
         search_loop(study, search, runner, say)
     finally:
         runner.close()

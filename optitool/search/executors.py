@@ -16,6 +16,7 @@ from optitool.search.trial import Outcome, read_outcome, run_trial
 
 class LocalExecutor:
     capacity = 1
+    nodes = 1
 
     def __init__(self, pipeline: Path, trials_dir: Path, cache: Path | None, device: str, search: SearchSpec) -> None:
         self.pipeline, self.trials_dir, self.cache, self.device, self.search = (pipeline, trials_dir, cache, device,
@@ -55,7 +56,7 @@ def _ray_trial(pipeline: str, params: dict[str, Any], folder: str, cache: str | 
 
 class RayExecutor(LocalExecutor):
     def __init__(self, pipeline: Path, trials_dir: Path, cache: Path | None, device: str, search: SearchSpec,
-                 address: str | None) -> None:
+                 address: str | None, inputs: list[Path]) -> None:
         super().__init__(pipeline, trials_dir, cache, device, search)
         try:
             import ray
@@ -63,8 +64,21 @@ class RayExecutor(LocalExecutor):
             raise ConfigError("--executor ray needs Ray: pip install 'optitool[ray]'") from None
         self.ray = ray
         self.started_here = address is None
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-                 **({"num_cpus": max(search.cpus_per_trial, _local_cpus())} if address is None else {}))
+        if address is not None:
+            probe_cluster(address)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                     **({"num_cpus": max(search.cpus_per_trial, _local_cpus())} if address is None else {}))
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"--address {address}: Ray could not connect: {first}") from None
+        from optitool.search.shared_storage import check_every_node
+
+        try:
+            self.nodes = check_every_node(ray, inputs, [trials_dir, *([cache] if cache is not None else [])])
+        except ConfigError:
+            self.close()
+            raise
         gpus = 1 if device == "cuda" else 0
         cpus = ray.cluster_resources().get("CPU", 1)
         self.capacity = search.concurrency or max(1, int(cpus // search.cpus_per_trial))
@@ -92,6 +106,34 @@ class RayExecutor(LocalExecutor):
             self.ray.shutdown()
 
 
+CLUSTER_PROBE_SECONDS = 10.0
+
+
+def probe_cluster(address: str) -> None:
+    """Refuse, within seconds, an address where no Ray cluster listens: ray.init itself retries for minutes.
+    "auto" (the cluster started on this machine) is left to Ray, which answers at once."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address == "auto":
+        return
+    parts = urlsplit(address if "://" in address else f"ray-gcs://{address}")
+    default = 10001 if parts.scheme == "ray" else 6379  # Ray Client's port, the GCS's
+    try:
+        host, port = parts.hostname, parts.port or default
+    except ValueError:
+        host, port = None, None
+    if not host:
+        raise ConfigError(f"--address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host, port), timeout=CLUSTER_PROBE_SECONDS):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster answers at {host}:{port} ({exc.strerror or exc}); "
+                          "start one there (ray start --head) or leave --address out to start Ray on this "
+                          "machine") from None
+
+
 def _local_cpus() -> int:
     import os
 
@@ -99,7 +141,8 @@ def _local_cpus() -> int:
 
 
 def make_executor(kind: str, pipeline: Path, trials_dir: Path, cache: Path | None, device: str,
-                  search: SearchSpec, address: str | None) -> LocalExecutor:
+                  search: SearchSpec, address: str | None, inputs: list[Path] | None = None) -> LocalExecutor:
+    """`inputs`: the files the trials read (checked on every Ray node before the first trial)."""
     if kind == "ray":
-        return RayExecutor(pipeline, trials_dir, cache, device, search, address)
+        return RayExecutor(pipeline, trials_dir, cache, device, search, address, inputs or [pipeline])
     return LocalExecutor(pipeline, trials_dir, cache, device, search)

@@ -80,11 +80,36 @@ def open_study(search: SearchSpec, name: str, seed: int, folder: Path, storage: 
                                     sampler=_sampler(search, seed), load_if_exists=True)
     except ValueError as exc:  # the study exists with other directions
         raise ConfigError(f"search storage {url}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and its drivers raise many types for one cause
+        raise _unusable(url, storage is None, folder, exc) from None
     if list(study.user_attrs.get("objectives", search.objectives)) != list(search.objectives):
         raise ConfigError(f"search storage {url}: the study {name!r} optimises {study.user_attrs['objectives']}, "
                           f"not {list(search.objectives)}; use a new search folder")
     study.set_user_attr("objectives", list(search.objectives))
     return study
+
+
+def check_storage(url: str) -> None:
+    """Open a `--storage` database once before anything is written: a URL that cannot be used is a usage
+    error naming it, not a failure after the search folder was made."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, a refused connection, a damaged file
+        raise _unusable(url, False, None, exc) from None
+
+
+def _unusable(url: str, ours: bool, folder: Path | None, exc: BaseException) -> ConfigError:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    if ours and folder is not None:
+        return ConfigError(f"the search folder's study database {folder / STUDY_DB} cannot be read "
+                           f"({type(exc).__name__}: {first}); it may be damaged: move it away to start the search "
+                           "afresh (the trial folders stay), or search into a new folder")
+    return ConfigError(f"--storage {url}: the database cannot be used ({type(exc).__name__}: {first}); give an "
+                       "SQLAlchemy URL that Optuna can open, e.g. sqlite:////shared/study.db or "
+                       "postgresql://user@host/db (with its driver installed)")
 
 
 def check_same_pipeline(folder: Path, pipeline_text: str) -> None:

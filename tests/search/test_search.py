@@ -232,3 +232,103 @@ def test_search_without_a_search_table_or_length_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["validate", str(tmp_path / "q.toml")])
     assert result.exit_code == 2 and "trials = N" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_a_value_refused_in_the_middle_of_a_range_exits_2(tmp_path):
+    text = ('[model]\nsource = "python"\nfactory = "optitool.testing:tiny_mlp"\n[model.inputs]\nx = ["batch", 16]\n'
+            '[[passes]]\npass = "onnx_export"\n[[passes]]\npass = "weight_only_quantize"\n'
+            '[search]\ntrials = 2\n[search.parameters]\n"passes.1.block_size" = { low = 16, high = 32 }\n')
+    (tmp_path / "p.toml").write_text(text)
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
+    assert result.exit_code == 2 and "the value 17 is refused" in result.output, result.output
+    (tmp_path / "p.toml").write_text(text.replace("{ low = 16, high = 32 }", "[16, 32]"))
+    assert CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")]).exit_code == 0
+
+
+@pytest.mark.parametrize(("family", "objective", "message"), [
+    ("llama", "fidelity", "objective 'fidelity' is measured on classifiers and encoders"),
+    ("bert", "perplexity", "objective 'perplexity' is measured for causal language models only"),
+])
+def test_an_objective_the_models_task_never_reports_exits_2(tmp_path, optitool_tiny_bert, family, objective, message):
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = (tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=0) if family == "llama"
+              else optitool_tiny_bert)
+    (tmp_path / "p.toml").write_text(
+        f'[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nsequence_lengths = [16]\n'
+        '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n'
+        f'[search]\ntrials = 2\nobjectives = {{ {objective} = "minimize" }}\n[search.parameters]\n'
+        '"passes.0.sparsity" = [0.2, 0.4]\n')
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "p.toml"), "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_unusable_storage_and_absent_cluster_are_usage_errors_before_any_folder_is_made(tmp_path):
+    import time
+
+    (tmp_path / "p.toml").write_text(PIPELINE)
+    out = tmp_path / "s"
+    bad_url = CliRunner().invoke(cli, ["search", str(tmp_path / "p.toml"), "-o", str(out), "--storage", "nodb://x/y"])
+    assert bad_url.exit_code == 2 and "--storage nodb://x/y: the database cannot be used" in bad_url.output
+    start = time.monotonic()
+    absent = CliRunner().invoke(cli, ["search", str(tmp_path / "p.toml"), "-o", str(out), "--executor", "ray",
+                                      "--address", "127.0.0.1:9"])
+    assert absent.exit_code == 2 and "no Ray cluster answers at 127.0.0.1:9" in absent.output, absent.output
+    assert time.monotonic() - start < 30
+    assert not out.exists()
+
+
+def test_a_damaged_study_database_is_named(tmp_path):
+    from optitool.search.study import STUDY_DB
+
+    (tmp_path / "p.toml").write_text(PIPELINE)
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / STUDY_DB).write_bytes(b"this is not an SQLite database" * 100)
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "p.toml"), "-o", str(out)])
+    assert result.exit_code == 2 and f"study database {out / STUDY_DB} cannot be read" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_a_search_on_a_two_node_ray_cluster_checks_every_node_and_finishes(tmp_path, counting):
+    """A real multi-node cluster on this machine (ray.cluster_utils): every node is checked to see the
+    pipeline's files and the trials folder at this machine's paths, then every trial runs there."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        (tmp_path / "p.toml").write_text(PIPELINE.replace('sampler = "grid"', 'sampler = "grid"\nconcurrency = 2'))
+        result = search(tmp_path / "p.toml", "-o", tmp_path / "s", "--executor", "ray", "--address",
+                        cluster.address, "--no-cache")
+        assert result.exit_code == 0, result.output
+        assert "ray on 2 node(s), each seeing the search's files" in result.output
+        trials = json.loads((tmp_path / "s" / "search.json").read_text())["trials"]
+        assert sorted(t["status"] for t in trials) == ["feasible", "feasible", "infeasible", "infeasible"]
+        assert all((tmp_path / "s" / "trials" / f"{t['number']:03d}" / "report.json").is_file() for t in trials)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_node_that_sees_other_files_is_named_with_what_differs(tmp_path):
+    from optitool.search.shared_storage import fingerprint, node_problems
+
+    pipeline, folder = tmp_path / "p.toml", tmp_path / "data"
+    pipeline.write_text("a")
+    folder.mkdir()
+    expected = {str(pipeline): fingerprint(pipeline), str(folder): "folder"}
+    assert node_problems(expected, [str(tmp_path / "trials")]) == []
+    pipeline.write_text("b")  # what another node would see on storage that is not shared
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    problems = node_problems({**expected, str(tmp_path / "gone"): "folder"}, [str(locked)])
+    assert any(f"{pipeline} is another file there" in p for p in problems)
+    assert any(f"{tmp_path / 'gone'} does not exist there" in p for p in problems)
+    import os
+
+    if os.geteuid() != 0:  # root writes anywhere
+        assert any(f"{locked} cannot be written there" in p for p in problems)
