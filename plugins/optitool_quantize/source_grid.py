@@ -119,17 +119,24 @@ def integer_grid(weight: Any, bits: int, block_size: int) -> IntegerGrid:
             rows = np.nonzero(~exact & np.isfinite(base))[0]
             if not len(rows):
                 break
+            # The candidate step comes from one gap or magnitude, so its float error grows with the codes it
+            # is divided into (8-bit codes reach 255): near-integer codes first, then the step refined by least
+            # squares over the whole block, then the exact test against the refined step.
             found = blocks[rows] / (base[rows] / divisor)[:, None]
             rounded = np.rint(found)
+            near = (np.abs(found - rounded).max(1) <= 0.05) & ((rounded**2).sum(1) > 0)
+            rows, rounded = rows[near], rounded[near]
+            refined = (rounded * blocks[rows]).sum(1) / (rounded**2).sum(1)
+            found = blocks[rows] / refined[:, None]
             low, high = rounded.min(1), rounded.max(1)
             zero_low, zero_high = np.maximum(0, -low), np.minimum(top, top - high)
             on = (np.abs(found - rounded).max(1) <= 1e-3) & (zero_low <= zero_high)
-            rows, rounded = rows[on], rounded[on]
+            rows, rounded, refined = rows[on], rounded[on], refined[on]
             if not len(rows):
                 continue
             keep_mid = (zero_low[on] <= mid) & (mid <= zero_high[on])  # symmetric blocks keep the default
             zero[rows] = np.where(keep_mid, mid, zero_low[on])
-            scale[rows] = (rounded * blocks[rows]).sum(1) / (rounded**2).sum(1)
+            scale[rows] = refined
             levels[rows] = rounded
             exact[rows] = True
     rest = np.nonzero(~exact)[0]
@@ -253,12 +260,20 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
                                   numpy_helper.from_array(floating.scales, f"{base}_scales"),
                                   numpy_helper.from_array(offset, f"{base}_offsets")])
         if x not in sums:  # one per input: q/k/v and gate/up share theirs
-            shape = f"{x}_block_shape"  # [batch, sequence, blocks, block]: 0 keeps the input's dimension
-            graph.initializer.append(numpy_helper.from_array(np.array([0, 0, blocks, block_size], np.int64), shape))
-            nodes += [helper.make_node("Reshape", [x, shape], [f"{x}_blocks"], name=f"{x}_to_blocks"),
+            # [..., K] -> [..., blocks, block] whatever the input's rank: its shape but the last, then the blocks
+            graph.initializer.extend([
+                numpy_helper.from_array(np.array([blocks, block_size], np.int64), f"{x}_block_dims"),
+                numpy_helper.from_array(np.array([0], np.int64), f"{x}_shape_start"),
+                numpy_helper.from_array(np.array([-1], np.int64), f"{x}_shape_end"),
+                numpy_helper.from_array(np.array([-1], np.int64), f"{x}_sum_axis")])
+            nodes += [helper.make_node("Shape", [x], [f"{x}_shape"], name=f"{x}_shape"),
+                      helper.make_node("Slice", [f"{x}_shape", f"{x}_shape_start", f"{x}_shape_end"],
+                                       [f"{x}_leading"], name=f"{x}_leading"),
+                      helper.make_node("Concat", [f"{x}_leading", f"{x}_block_dims"], [f"{x}_block_shape"],
+                                       name=f"{x}_block_shape", axis=0),
+                      helper.make_node("Reshape", [x, f"{x}_block_shape"], [f"{x}_blocks"], name=f"{x}_to_blocks"),
                       helper.make_node("ReduceSum", [f"{x}_blocks", f"{x}_sum_axis"], [f"{x}_block_sums"],
                                        name=f"{x}_block_sum", keepdims=0)]
-            graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{x}_sum_axis"))
             sums[x] = f"{x}_block_sums"
         nodes += [helper.make_node("MatMulNBits", [x, base, f"{base}_scales"], [f"{out}_nbits"],
                                    name=f"{node.name}_Q{width}", domain="com.microsoft", **attrs),

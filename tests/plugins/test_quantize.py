@@ -267,3 +267,52 @@ def test_a_tied_embedding_shares_the_heads_codes_and_the_graph_computes_with_exa
     ids = np.array([[1, 5, 9, 63, 0]])
     out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
     np.testing.assert_allclose(out, head.T[ids] @ head, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("leading", [(3,), (2, 3), (1, 2, 3)])
+def test_a_float_minimum_source_grid_computes_the_same_product_for_inputs_of_any_rank(leading):
+    """The offset term sums the input per block: it must not assume [batch, sequence, K] inputs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from optitool_quantize.source_grid import quantize_matmuls_on_source_grid
+
+    rng = np.random.default_rng(0)
+    k, n, block = 64, 8, 16
+    low = rng.uniform(-1, 0, (k // block, 1, n)).astype(np.float32)  # minimums no integer zero point reaches
+    step = rng.uniform(0.01, 0.1, (k // block, 1, n)).astype(np.float32)
+    codes = rng.integers(0, 16, (k // block, block, n)).astype(np.float32)
+    weight = (low + step * codes).reshape(k, n).astype(np.float32)
+    dims = [f"d{i}" for i in range(len(leading))]
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"), helper.make_node("Neg", ["h"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, n])], [numpy_helper.from_array(weight, "w")]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    found = quantize_matmuls_on_source_grid(model, 4, block, 0, exclude=[], head_bits=8)
+    assert found.with_offsets == ["w"]
+    x = rng.standard_normal((*leading, k)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": x})[0]
+    assert y.shape == (*leading, n)
+    np.testing.assert_allclose(y, -(x @ weight), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_block_of_an_integer_grid_stored_in_float32_is_recovered_exactly(bits):
+    """The grids gptq/imatrix leave, as the exported float32 graph holds them: a step recovered from one gap
+    carries float error that 8-bit codes (up to 255 steps) multiply; the recovery must not depend on it,
+    or which blocks count as on a grid changes with the CPU that ran GPTQ."""
+    from optitool_quantize.source_grid import integer_grid
+
+    rng = np.random.default_rng(0)
+    k, n, block, top = 256, 64, 16, 2**bits - 1
+    scales = rng.uniform(1e-4, 1e-1, (n, k // block, 1))
+    zeros = rng.integers(0, top + 1, (n, k // block, 1))
+    codes = rng.integers(0, top + 1, (n, k // block, block))
+    codes[..., 0], codes[..., 1] = 0, top  # every block spans the code range, as min/max grids do
+    weight = (scales * (codes - zeros)).reshape(n, k).T.astype(np.float32)
+    found = integer_grid(weight, bits, block)
+    assert found.exact_blocks == found.blocks
+    rebuilt = (found.scales.reshape(n, -1, 1).astype(np.float64) *
+               (found.codes.astype(np.float64) - found.zeros[..., None])).reshape(n, k).T
+    np.testing.assert_allclose(rebuilt, weight, rtol=1e-5, atol=1e-7)
