@@ -82,31 +82,51 @@ def tiny_bert_dir(folder: Path, *, classes: int | None = None, layers: int = 2) 
     return folder
 
 
+def tiny_bpe_tokenizer() -> Any:
+    """A byte-level BPE tokenizer (GPT-2's scheme, the one SmolLM2's GGUF file carries) learnt from the word
+    corpus: each word after a space is one token, and any other text still encodes, byte by byte, as a real
+    language model's tokenizer does. Its vocabulary and merges can be written into a GGUF file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([" ".join(WORDS)] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
 def tiny_causal_lm_dir(folder: Path, *, family: str = "llama", train_steps: int = 200, hidden: int = 32,
-                       vocab_size: int | None = None) -> Path:
+                       vocab_size: int | None = None, tokenizer: Any = None) -> Path:
     """Save a tiny causal LM (2 layers, hidden 32 unless told; "llama": grouped-query attention with 4 query and 2
     key/value heads, SwiGLU, RMSNorm, tied embeddings; "gpt2": Conv1D layers, tied embeddings) and its
     tokenizer as a Hugging Face folder, after `train_steps` steps of next-token training on the seeded
     word corpus, so that perplexity means something (a random model's is the vocabulary size whatever
-    one does to it)."""
+    one does to it). The tokenizer is the tiny WordPiece one unless given."""
     import random
 
     import torch
     import transformers
 
     torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    tokenizer.eos_token = "[SEP]"
+    if tokenizer is None:
+        tokenizer = tiny_tokenizer()
+        tokenizer.eos_token = "[SEP]"
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    special = {"bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     vocab = max(len(tokenizer), vocab_size or 0)  # rows past the tokenizer's are never fed
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=hidden, n_layer=2, n_head=4,
-                                         bos_token_id=2, eos_token_id=3, pad_token_id=0)
+                                         **special)
         model = transformers.GPT2LMHeadModel(config)
     elif family == "llama":
         config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                          tie_word_embeddings=True, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+                                          tie_word_embeddings=True, **special)
         model = transformers.LlamaForCausalLM(config)
     else:
         raise ValueError(f"family is 'llama' or 'gpt2', not {family!r}")
@@ -115,7 +135,8 @@ def tiny_causal_lm_dir(folder: Path, *, family: str = "llama", train_steps: int 
     for _ in range(200):  # topic-coherent sentences: the next word is predictable from the topic
         topic = rng.randrange(3)
         words = WORDS[topic * 8: topic * 8 + 8] if topic < 2 else WORDS[16:]
-        ids += tokenizer(" ".join(rng.choice(words) for _ in range(10)), add_special_tokens=False)["input_ids"] + [3]
+        ids += tokenizer(" ".join(rng.choice(words) for _ in range(10)), add_special_tokens=False)["input_ids"] + [
+            special["eos_token_id"]]
     blocks = torch.tensor([ids[i:i + 16] for i in range(0, len(ids) - 16, 16)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
@@ -134,11 +155,16 @@ def tiny_causal_lm_dir(folder: Path, *, family: str = "llama", train_steps: int 
 
 def tiny_gguf_file(path: Path, *, train_steps: int = 200) -> Path:
     """The tiny Llama of `tiny_causal_lm_dir` written as a float32 GGUF file (llama.cpp's tensor names and
-    rotary layout, its tokenizer as a vocabulary list), for testing the gguf loader without a download."""
+    rotary layout), with the byte-level BPE tokenizer of `tiny_bpe_tokenizer` as its vocabulary and merges, as
+    SmolLM2's file carries its own: what transformers rebuilds from the file encodes text exactly as the
+    model was trained on, with one embedding row per token. For testing the gguf loader without a download."""
+    import json
+
     import gguf
     import transformers
 
-    folder = tiny_causal_lm_dir(path.parent / f"{path.stem}-hf", family="llama", train_steps=train_steps)
+    folder = tiny_causal_lm_dir(path.parent / f"{path.stem}-hf", family="llama", train_steps=train_steps,
+                                tokenizer=tiny_bpe_tokenizer())
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     cfg, state = model.config, model.state_dict()
@@ -153,14 +179,15 @@ def tiny_gguf_file(path: Path, *, train_steps: int = 200) -> Path:
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(cfg.vocab_size)
     tokens = [tok for tok, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
-    writer.add_tokenizer_model("llama")
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * len(tokens))
-    writer.add_token_types([1] * len(tokens))
-    writer.add_bos_token_id(2)
-    writer.add_eos_token_id(3)
-    writer.add_pad_token_id(0)
-    writer.add_unk_token_id(1)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_token_types([3 if tok in tokenizer.all_special_tokens else 1 for tok in tokens])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
 
     def tensor(name: str) -> Any:
         return state[name].float().numpy()

@@ -65,3 +65,20 @@ def test_a_text_model_gets_labelled_text_with_every_split(tmp_path, optitool_tin
     bert = LOADERS["hf"].load(spec, tmp_path)
     check_pass_contract(Distill, settings={"alpha": 0, "max_steps": 2, "batch_size": 8}, model=bert,
                         tmp_path=tmp_path)
+
+
+def test_the_tiny_gguf_files_tokenizer_encodes_any_text_within_its_embedding_table(tmp_path):
+    import transformers
+
+    from optitool.testing import tiny_gguf_file
+
+    path = tiny_gguf_file(tmp_path / "tiny.gguf", train_steps=0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert len(tokenizer) == rows
+    for text in ("the market rose sharply today", "Ünïcödé 42 and the film won"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids and max(ids) < rows and tokenizer.decode(ids) == text
+    words = tokenizer(" the market shares rose", add_special_tokens=False)["input_ids"]
+    assert len(words) == 4  # one token per word the model was trained on, as with its own tokenizer
