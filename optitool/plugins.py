@@ -60,15 +60,19 @@ class Plugins:
     def broken(self) -> list[PluginInfo]:
         return [i for i in self.infos if i.error]
 
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
+    def notify(self, hook_name: str, *, on_failure: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         """Call a lifecycle hook in pluggy's order (tryfirst/trylast honoured, each implementation given
-        only the arguments it declares); a plugin that raises is warned about, never fatal to the run."""
+        only the arguments it declares); a plugin that raises is reported to `on_failure` (a Python warning
+        without one), never fatal to the run."""
         for plugin_name, call in _callers_in_call_order(self.pm, hook_name):
             try:
                 call(**kwargs)
             except Exception as exc:  # noqa: BLE001 - a tracker plugin must not kill a finished run
-                warnings.warn(f"plugin {plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}",
-                              stacklevel=2)
+                message = f"plugin {plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                if on_failure is not None:
+                    on_failure(message)
+                else:
+                    warnings.warn(message, stacklevel=2)
 
 
 def _callers_in_call_order(pm: pluggy.PluginManager, hook_name: str) -> list[tuple[str, Callable[..., Any]]]:

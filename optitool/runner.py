@@ -185,6 +185,15 @@ class Runner:
         self._handlers.append(handler)
 
     # ------------------------------------------------------------------------------------------ the run
+    def _notify(self, hook_name: str, **kwargs: Any) -> None:
+        """A lifecycle hook; a plugin failing in it is optitool's own warning: on the terminal and in run.log."""
+
+        def failed(message: str) -> None:
+            self.log.warning(message)
+            self.console.warn(message)
+
+        self.plugins.notify(hook_name, on_failure=failed, **kwargs)
+
     def run(self) -> RunResult:
         """Run the pipeline into the run folder, which no other optitool process may write meanwhile.
 
@@ -227,7 +236,7 @@ class Runner:
             self.report = {"schema_version": SCHEMA_VERSION, "status": "running", "name": self.spec.name,
                            "device": device, "environment": describe(self.spec.benchmark.threads or None),
                            "pipeline": self.spec.resolved(), "stages": []}
-            self.plugins.notify("optitool_pipeline_start", spec=self.spec, run_dir=self.run_dir)
+            self._notify("optitool_pipeline_start", spec=self.spec, run_dir=self.run_dir)
             self._run_stages(baseline, baseline_metrics, inputs, device)
             if self.do_benchmark and self.spec.benchmark.enabled:
                 self._benchmark(inputs, device)
@@ -382,7 +391,7 @@ class Runner:
         if isinstance(artifact, TorchModel):
             artifact.masks = StageCache.masks(entry)
         self._add_stage(Stage(pass_spec.stage_name, artifact, record, folder))
-        self.plugins.notify("optitool_pass_finished", stage=record, run_dir=self.run_dir)
+        self._notify("optitool_pass_finished", stage=record, run_dir=self.run_dir)
         return artifact
 
     def _run_pass_here(self, pass_spec: Any, model: ModelArtifact, inputs: Any, device: str, plugin: str,
@@ -427,7 +436,7 @@ class Runner:
         if isinstance(result, OnnxModel):
             result.path = folder / "model.onnx"
         self._add_stage(Stage(pass_spec.stage_name, result, record, folder))
-        self.plugins.notify("optitool_pass_finished", stage=record, run_dir=self.run_dir)
+        self._notify("optitool_pass_finished", stage=record, run_dir=self.run_dir)
         return result
 
     def _before_compression(self) -> ModelArtifact | None:
@@ -489,5 +498,5 @@ class Runner:
             atomic.write_json(self.run_dir / "report.json", self.report)
             atomic.write_text(self.run_dir / "report.md", render(self.report))
             if self.report.get("status") != "running":
-                self.plugins.notify("optitool_report_written", report=self.report,
+                self._notify("optitool_report_written", report=self.report,
                                     path=self.run_dir / "report.json")

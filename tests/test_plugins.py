@@ -247,3 +247,18 @@ def test_cli_plugins_survives_a_broken_plugin_and_names_it(monkeypatch):
     result = CliRunner().invoke(cli, ["plugins"])
     assert result.exit_code == 0, result.output
     assert "acme_broken" in result.output and "BROKEN" in result.output and "magnitude_prune" in result.output
+
+
+def test_a_failing_lifecycle_hook_is_optitools_warning_on_the_terminal_and_in_run_log(tmp_path, capsys):
+    from optitool.testing import TINY_MLP_TOML, run_snippet
+
+    def broken(stage, run_dir):
+        raise ConnectionError("tracker unreachable")
+
+    module = plugin_module("p_tracker", optitool_pass_finished=optitool.hookimpl(broken))
+    result = run_snippet(TINY_MLP_TOML + '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n', tmp_path,
+                         plugins=(module,))
+    assert result.report["status"] == "finished"  # a tracker never fails the run
+    message = "plugin 'p_tracker' failed in optitool_pass_finished: ConnectionError: tracker unreachable"
+    assert message in capsys.readouterr().err  # shown even though run_snippet runs quietly
+    assert message in (result.run_dir / "run.log").read_text()

@@ -32,6 +32,10 @@ class RunConsole:
         if not self.quiet:
             self.console.print(message, markup=False)
 
+    def warn(self, message: str) -> None:
+        """optitool's own warnings reach the terminal even with --quiet (library noise goes to run.log)."""
+        self.console.print(f"! {message}", markup=False)
+
     @contextmanager
     def step(self, message: str) -> Iterator[None]:
         """'… message' when it starts, '✓ message (12.3 s)' when it ends."""
