@@ -67,7 +67,7 @@ class GridQuantize(Pass):
         """Every covered layer's input width must be whole blocks (the grids are per block of input channels).
         With the default coverage the covered layers are the blocks' projections, whose widths the model's
         files declare; a narrowed include/exclude is checked when the layers are known."""
-        from optitool.errors import ConfigError
+        from optitool import ConfigError
         from optitool_quantize.nbits import largest_dividing_block
 
         cfg: GridConfig = self.config

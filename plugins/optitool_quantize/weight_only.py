@@ -46,7 +46,7 @@ class WeightOnlyQuantize(Pass):
 
     def check_widths(self, widths: dict[str, int]) -> None:
         """A weight narrower than one block cannot be stored in blocks (its width is its input channels)."""
-        from optitool.errors import ConfigError
+        from optitool import ConfigError
 
         cfg: WeightOnlyConfig = self.config
         narrow = {role: width for role, width in widths.items() if width < cfg.block_size}
