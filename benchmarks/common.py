@@ -41,11 +41,15 @@ def optitool_run(pipeline: str, output: Path, *overrides: str) -> Path:
 
 
 def onnx_call(path: Path, threads: int) -> Callable[[dict[str, Any]], Any]:
-    """A function running the ONNX model on a tokenized batch and returning its first output."""
+    """A function running the ONNX model on a tokenized batch and returning its first output, in a session set
+    up exactly as optitool's onnxruntime runtime sets up its own (threads, intra-op spinning off), so every
+    ONNX row of a benchmark differs only in its graph."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     return lambda batch: session.run(None, {k: v.numpy() for k, v in batch.items() if k in names})[0]
