@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -204,11 +205,21 @@ def gguf_field(path: Path, key: str) -> str | int | None:
     """One metadata value of a GGUF file's header (a string or a number), or None when it is absent."""
     import gguf
 
-    field = gguf.GGUFReader(str(path)).fields.get(key)
+    stat = path.stat()
+    field = _gguf_fields(str(path), stat.st_mtime_ns, stat.st_size).get(key)
     if field is None:
         return None
     value = field.parts[field.data[0]]
     return bytes(value).decode() if field.types and field.types[0] == gguf.GGUFValueType.STRING else int(value[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_fields(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """A GGUF file's header fields, read once per file version: validate asks for several (architecture,
+    context length, layer widths) and each read parses every tensor's entry."""
+    import gguf
+
+    return dict(gguf.GGUFReader(path).fields)
 
 
 class GgufLoader(Loader):
