@@ -6,7 +6,6 @@ once, naming the node and the path, instead of failing its trials one by one."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,9 @@ def fingerprint(path: Path) -> str:
     size = path.stat().st_size
     if size > DIGESTED_BYTES:
         return f"{size} bytes"
-    return f"{size} bytes, sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}"
+    from optitool.cache import file_digest
+
+    return f"{size} bytes, sha256 {file_digest(path)}"
 
 
 def node_problems(expected: dict[str, str], writable: list[str]) -> list[str]:
