@@ -119,3 +119,17 @@ def test_remeasure_refuses_what_it_cannot_time_with_exit_2(tmp_path, tiny_run):
     (broken / "01-onnx_export" / "model.onnx").unlink()
     missing = _remeasure(tiny_run, broken)
     assert missing.exit_code == 2 and "onnx_export" in missing.output and "broken" in missing.output
+
+
+def test_remeasure_pairs_a_decoders_ttft_and_decode_rounds(tmp_path, optitool_tiny_causal_lm, optitool_text_folder):
+    snippet = (f'[model]\nsource = "hf"\npath = "{optitool_tiny_causal_lm}"\nmax_length = 16\n'
+               f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nlabel_field = ""\nsplits = {{ eval = 0.5 }}\n'
+               '[[passes]]\npass = "onnx_export"\n[benchmark]\nbatch_sizes = [1]\nsequence_lengths = [16]\n'
+               'new_tokens = 8\nmin_iterations = 3\nmin_seconds = 0\nmemory = false\n')
+    run = run_snippet(snippet, tmp_path, benchmark=True).run_dir
+    shutil.copytree(run, tmp_path / "copy")
+    result = _remeasure(run, tmp_path / "copy", "--max-regression", "50%")
+    assert result.exit_code == 0, result.output
+    latency = {r["what"]: r for r in json.loads(result.stdout)["rows"] if r["what"].startswith("latency")}
+    assert set(latency) == {"latency onnxruntime 1x16 ttft", "latency onnxruntime 1x16 decode"}
+    assert all(r["side_by_side"] for r in latency.values())
