@@ -75,7 +75,6 @@ def dequantize(node: Any, initializers: dict[str, Any]) -> Any:
     return (scales * (codes - zero)).reshape(n, blocks * block)[:, :k].T
 
 
-def largest_dividing_block(widths: dict[str, int], limit: int = 256) -> int:
-    """The largest power-of-2 block size (16 to `limit`) dividing every width; 0 when none does."""
-    return next((size for size in (256, 128, 64, 32, 16) if size <= limit
-                 and all(w % size == 0 for w in widths.values())), 0)
+def largest_dividing_block(widths: dict[str, int]) -> int:
+    """The largest power-of-2 block size (16 to 256) dividing every width; 0 when none does."""
+    return next((size for size in (256, 128, 64, 32, 16) if all(w % size == 0 for w in widths.values())), 0)
