@@ -77,7 +77,7 @@ class GridQuantize(Pass):
             if width % cfg.block_size:
                 fits = largest_dividing_block(widths)
                 raise ConfigError(f"block_size = {cfg.block_size} does not divide the model's {role} width {width} "
-                                  f"(the input width of its {role} projections, read from its config); "
+                                  f"(the input width of its {role} projections, read from its files); "
                                   + (f"block_size = {fits} divides every width it has" if fits else
                                      "no block size from 16 up divides them all"))
 

@@ -53,7 +53,7 @@ class WeightOnlyQuantize(Pass):
         if narrow:
             role, width = next(iter(narrow.items()))
             raise ConfigError(f"block_size = {cfg.block_size} is wider than the model's {role} width {width} (the "
-                              "input width of its projections, read from its config): choose a block_size of "
+                              "input width of its projections, read from its files): choose a block_size of "
                               f"at most {width}")
 
     def run(self, model: OnnxModel, ctx: PassContext) -> OnnxModel:
