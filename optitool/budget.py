@@ -88,4 +88,38 @@ def check_budget(report: dict[str, Any], budget: BudgetSpec) -> dict[str, Any]:
         peak = max(peaks) if peaks else None
         checks.append(_check("max_peak_memory_mb", budget.max_peak_memory_mb, peak,
                              peak is not None and peak <= budget.max_peak_memory_mb, " MB", " (inference peak)"))
+    checks += _task_checks(stage, budget, report)
     return {"passed": all(c["passed"] for c in checks), "stage": stage["name"], "checks": checks}
+
+
+def _task_checks(stage: dict[str, Any], budget: BudgetSpec, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """lm-eval task budgets: the drop of a task's main metric from the baseline's on the same items, and
+    whether that drop is significant (its paired 95 % interval lies wholly on the worse side of 0)."""
+    changes = stage.get("task_changes", {})
+    checks = []
+
+    def detail(change: dict[str, Any]) -> str:
+        return (f" ({change['metric']}, stage minus baseline {change['difference']:+.4g}, paired 95 % interval "
+                f"[{change['low']:+.4g}, {change['high']:+.4g}] over {change['items']} items)")
+
+    for task, limit in (budget.max_task_drop or {}).items():
+        change = changes.get(task)
+        checks.append(_check(f"max_task_drop[{task}]", limit, change["drop"] if change else None,
+                             change is not None and change["drop"] <= limit, "",
+                             detail(change) if change else " (the task was not scored on this stage and the baseline)"))
+    wanted = budget.no_significant_task_drop
+    if wanted:
+        scored = ((report.get("pipeline") or {}).get("evaluation") or {}).get("tasks") or list(changes)
+        for task in (wanted if isinstance(wanted, list) else list(changes) or scored):
+            change = changes.get(task)
+            name = f"no_significant_task_drop[{task}]"
+            if change is None:
+                checks.append({"budget": name, "limit": 0, "measured": None, "passed": False,
+                               "message": f"{name}: not measured (the task was not scored on this stage and the "
+                                          "baseline), so it cannot be shown to hold"})
+                continue
+            worse = change["significantly_worse"]
+            checks.append({"budget": name, "limit": 0, "measured": change["drop"], "passed": not worse,
+                           "message": f"{name} {'FAILED' if worse else 'met'}: "
+                                      f"{'significantly worse' if worse else 'not significantly worse'}{detail(change)}"})
+    return checks

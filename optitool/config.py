@@ -16,7 +16,7 @@ from optitool.errors import ConfigError
 from optitool.passes import Pass, PassConfig
 from optitool.registry import Registry
 from optitool.search.spec import PARAMETER, STAGE_OBJECTIVES, Range, SearchSpec, set_parameter
-from optitool.spec import BenchmarkSpec, BudgetSpec, DataSpec, ModelSpec, OutputSpec
+from optitool.spec import BenchmarkSpec, BudgetSpec, DataSpec, EvaluationSpec, ModelSpec, OutputSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,6 +54,8 @@ class PipelineSpec(BaseModel):
     budget: BudgetSpec | None
     output: OutputSpec
     search: SearchSpec | None = None
+    evaluation: EvaluationSpec | None = None
+    evaluation_tasks: list[Any] = []  # the TaskRefs [evaluation] names, resolved by validation
     base_dir: Path
     source: Path | None
     raw: dict[str, Any]
@@ -72,6 +74,7 @@ class PipelineSpec(BaseModel):
                         **p.config.model_dump(mode="json")} for p in self.passes],
             "benchmark": self.benchmark.model_dump(),
             "budget": self.budget.model_dump(exclude_none=True) if self.budget else None,
+            "evaluation": self.evaluation.model_dump() if self.evaluation else None,
             "output": self.output.model_dump(),
         }
 
@@ -143,8 +146,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = parse_value(value.strip())
 
 
-_SECTIONS = ("model", "data", "benchmark", "budget", "output", "data.splits", "model.inputs")
-_TOP_KEYS = {"name", "seed", "model", "data", "passes", "benchmark", "budget", "output", "search"}
+_SECTIONS = ("model", "data", "benchmark", "budget", "output", "evaluation", "data.splits", "model.inputs")
+_TOP_KEYS = {"name", "seed", "model", "data", "passes", "benchmark", "budget", "evaluation", "output", "search"}
 
 
 def load_pipeline(path: str | Path, registry: Registry, overrides: tuple[str, ...] = ()) -> PipelineSpec:
@@ -208,6 +211,8 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
     benchmark = _section(BenchmarkSpec, raw.get("benchmark", {}), "benchmark", where, overrides)
     budget = _section(BudgetSpec, raw["budget"], "budget", where, overrides) if "budget" in raw else None
     output = _section(OutputSpec, raw.get("output", {}), "output", where, overrides)
+    evaluation = _section(EvaluationSpec, raw["evaluation"], "evaluation", where, overrides) \
+        if "evaluation" in raw else None
     _check_loader(model, registry, base_dir, where)
     passes = _build_passes(raw.get("passes", []), registry, where, overrides)
     _check_kinds(passes, registry, _initial_kind(model, registry), where)
@@ -226,11 +231,13 @@ def build_spec(raw: dict[str, Any], registry: Registry, *, base_dir: Path, sourc
                     raise ConfigError(f"{where}: passes[{spec.index}] (pass {spec.pass_name!r}): {exc}") from None
     _check_widths(passes, registry, model, base_dir, where)
     _check_data_needs(passes, registry, data, task, where)
+    evaluation_tasks = _check_evaluation(evaluation, budget, model, passes, task, registry, base_dir, where)
     search = _parse_search(raw, where)
     if search is not None:
         _check_search(search, raw, registry, base_dir, where, source)
     spec = PipelineSpec(name=name, seed=seed, model=model, data=data, passes=passes, benchmark=benchmark,
-                        budget=budget, output=output, search=search, base_dir=base_dir, source=source, raw=raw)
+                        budget=budget, output=output, search=search, evaluation=evaluation,
+                        evaluation_tasks=evaluation_tasks, base_dir=base_dir, source=source, raw=raw)
     if data is not None:
         from optitool.data.sources import check_data_spec
 
@@ -344,6 +351,18 @@ def _check_stage_names(passes: list[PassSpec], registry: Registry, benchmark: Be
         if name not in names:
             raise ConfigError(f"{where}: {key} names {name!r}, which is not a stage of this pipeline; its stages "
                               f"are {', '.join(names)}" + (" (and 'final', the last)" if key == "[budget].stage" else ""))
+
+
+def _check_evaluation(evaluation: EvaluationSpec | None, budget: BudgetSpec | None, model: ModelSpec,
+                      passes: list[PassSpec], task: str | None, registry: Registry, base_dir: Path,
+                      where: str) -> list[Any]:
+    from optitool.lm_tasks.validate import check_evaluation
+
+    loader = registry.loaders[model.source].obj
+    context = loader.context_length(model, base_dir) if hasattr(loader, "context_length") else None
+    names = ["baseline"] + [p.stage_name for p in passes if p.enabled]
+    return check_evaluation(evaluation, budget, model_task=task, context_length=context, stage_names=names,
+                            base_dir=base_dir, where=where)
 
 
 def _check_context(model: ModelSpec, data: DataSpec | None, benchmark: BenchmarkSpec, registry: Registry,

@@ -114,6 +114,16 @@ class BenchmarkSpec(_Section):
     stages: list[str] | Literal["all"] = "all"
 
 
+class EvaluationSpec(_Section):
+    """lm-eval tasks scored on chosen stages (`optitool.lm_tasks`), each on the same items as the baseline."""
+
+    tasks: list[str] = Field(min_length=1)
+    limit: int | None = Field(default=None, ge=1)  # items per task (the first ones, as lm-eval's --limit)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    stages: list[str] = Field(default_factory=lambda: ["baseline", "final"], min_length=1)
+    max_length: int | None = Field(default=None, ge=2)  # tokens the model sees; default: its context length
+
+
 class BudgetSpec(_Section):
     max_accuracy_drop: float | None = Field(default=None, ge=0)
     min_fidelity: float | None = None
@@ -124,7 +134,17 @@ class BudgetSpec(_Section):
     max_latency_ms: float | dict[str, float] | None = None
     max_size_mb: float | None = Field(default=None, gt=0)
     max_peak_memory_mb: float | None = Field(default=None, gt=0)
+    max_task_drop: dict[str, float] | None = None  # lm-eval task -> largest drop of its main metric
+    no_significant_task_drop: bool | list[str] = False  # tasks (true: all) whose paired interval must reach 0
     stage: str = "final"
+
+    @field_validator("max_task_drop")
+    @classmethod
+    def _drops_not_negative(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        negative = [k for k, v in (value or {}).items() if v < 0]
+        if negative:
+            raise ValueError(f"a drop limit is 0 or more (the task {negative[0]!r} has {value[negative[0]]})")
+        return value
 
 
 class OutputSpec(_Section):

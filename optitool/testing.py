@@ -230,6 +230,54 @@ def text_folder(folder: Path, *, per_label: int = 12) -> Path:
     return folder
 
 
+TINY_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {name}.jsonl
+test_split: test
+output_type: {output_type}
+{body}
+metadata:
+  version: 1.0
+"""
+TINY_TASK_BODIES = {
+    "multiple_choice": 'doc_to_text: "{{text}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+                       "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true",
+    "loglikelihood": 'doc_to_text: "{{text}}"\ndoc_to_target: "{{\' \' + target}}"\ntarget_delimiter: ""\n'
+                     "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                     "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false",
+    "generate_until": 'doc_to_text: "{{text}}"\ndoc_to_target: "{{\' \' + target}}"\n'
+                      'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 1\n'
+                      "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true",
+}
+
+
+def tiny_task_file(folder: Path, *, items: int = 20, output_type: str = "multiple_choice",
+                   name: str | None = None) -> Path:
+    """A local lm-eval task (YAML and JSONL data beside it) over the word corpus the tiny causal LMs learn:
+    after six words of one topic, which word comes next. multiple_choice: one word of each topic, the
+    right one of the context's topic; loglikelihood: that word as a cloze target; generate_until: the
+    same target, generated. Seeded; returns the YAML's path."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    topics = [WORDS[:8], WORDS[8:16], WORDS[16:]]
+    name = name or f"tiny_{output_type}"
+    rows = []
+    for i in range(items):
+        topic = i % 3
+        text = " ".join(rng.choice(topics[topic]) for _ in range(6))
+        choices = [rng.choice([w for w in words if w != "the"]) for words in topics]
+        rows.append({"text": text, "choices": choices, "label": topic, "target": choices[topic]})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = folder / f"{name}.yaml"
+    path.write_text(TINY_TASK_YAML.format(name=name, output_type=output_type, body=TINY_TASK_BODIES[output_type]))
+    return path
+
+
 class HookRecorder:
     """A plugin that records the lifecycle hooks it saw (name and arguments)."""
 

@@ -72,11 +72,14 @@ class _LogStream(io.TextIOBase):
 
 
 def _terminal_handlers(streams: tuple[Any, ...]) -> list[logging.StreamHandler]:
-    """Every logging handler (of any library) that writes to the terminal."""
+    """Every logging handler (of any library) that writes to the terminal. Not logging's last-resort
+    handler, which a library may attach to its logger (lm-eval does): it writes to whatever sys.stderr is
+    at the time, which the redirection already covers, and its stream cannot be set."""
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
                                        if isinstance(lg, logging.Logger)]
     return [h for lg in loggers for h in lg.handlers
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            and not isinstance(getattr(type(h), "stream", None), property)
             and getattr(h, "stream", None) in streams]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from optitool.report.table import budget_lines, footnotes, markdown_table, stage_rows
+from optitool.report.table import budget_lines, footnotes, markdown_table, stage_rows, task_rows
 
 
 def render(report: dict[str, Any]) -> str:
@@ -16,6 +16,12 @@ def render(report: dict[str, Any]) -> str:
              "stage and runtime of a shape; speedup is vs the baseline with a 95 % bootstrap interval. "
              "Everything else (p90, p99, memory, machine load, samples) is in report.json.", "",
              markdown_table(header, rows), ""]
+    task_header, tasks = task_rows(report)
+    if tasks:
+        parts += ["## lm-eval tasks", "",
+                  "Main metric ± its standard error; vs baseline: the change on the same items with its paired "
+                  "95 % bootstrap interval (worse: the whole interval is on the worse side of 0).", "",
+                  markdown_table(task_header, tasks), ""]
     notes = footnotes(report)
     if notes:
         parts += ["## Flags", ""] + [f"- {line.removeprefix('! ')}" for line in notes] + [""]

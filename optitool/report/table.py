@@ -84,6 +84,37 @@ def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def task_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """lm-eval task scores: one row per scored stage; per task its main metric ± standard error, and the
+    change from the baseline on the same items with its paired 95 % interval ('worse' when the interval lies
+    wholly on the worse side of 0)."""
+    stages = [s for s in report.get("stages", []) if s.get("tasks")]
+    tasks: list[str] = list(dict.fromkeys(t for s in stages for t in s["tasks"]))
+    if not tasks:
+        return [], []
+    header = ["stage"]
+    for task in tasks:
+        metric = next((s["tasks"][task]["main_metric"] for s in stages if task in s["tasks"]), None) or "score"
+        header += [f"{task} {metric}", "vs baseline"]
+    rows = []
+    for stage in stages:
+        row = [stage["name"]]
+        for task in tasks:
+            scores = stage["tasks"].get(task)
+            metric = scores and scores["main_metric"]
+            if not metric or metric not in scores["metrics"]:
+                row += ["-", "-"]
+                continue
+            error = scores["stderr"].get(metric)
+            row.append(f"{scores['metrics'][metric]:.3f}" + (f" ±{error:.3f}" if error is not None else ""))
+            change = stage.get("task_changes", {}).get(task)
+            row.append("-" if change is None else
+                       f"{change['difference']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}]"
+                       + (" worse" if change["significantly_worse"] else ""))
+        rows.append(row)
+    return header, rows
+
+
 def footnotes(report: dict[str, Any]) -> list[str]:
     """The flags, skipped runtimes and budget lines that go below the table (identical flags of several
     stages, such as a busy machine, are said once)."""
@@ -124,6 +155,14 @@ def terminal_table(report: dict[str, Any], width: int | None = None) -> str:
         width = terminal.width if terminal.is_terminal else 200
     console = Console(file=buffer, width=width, highlight=False, color_system=None)
     console.print(table)
+    task_header, task_table = task_rows(report)
+    if task_table:
+        tasks = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False)
+        for i, name in enumerate(task_header):
+            tasks.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+        for row in task_table:
+            tasks.add_row(*row)
+        console.print(tasks)
     for line in footnotes(report):
         console.print(line, markup=False)
     return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
