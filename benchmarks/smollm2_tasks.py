@@ -133,14 +133,20 @@ def main() -> None:
 
     torch.set_num_threads(THREADS)
     wall = time.time()
+    from optitool.bench.load import LoadMonitor
+
     model, tokenizer = load_fp32()
-    check = parity(model, tokenizer, args.limit)
+    with LoadMonitor() as load:
+        check = parity(model, tokenizer, args.limit)
+    check["load"] = load.reading.as_dict() if load.reading else None
     print(json.dumps(check, indent=1), flush=True)
     del model
     made = {label: make_run(label, example, overrides, args.limit, args.reuse)
             for label, (example, overrides) in runs().items()}
-    anchors = score_anchors(made["gptq-int4"], args.limit, args.reuse)
-    write(check, made, anchors, args.limit, time.time() - wall)
+    with LoadMonitor() as load:
+        anchors = score_anchors(made["gptq-int4"], args.limit, args.reuse)
+    anchors_load = load.reading.as_dict() if load.reading else None
+    write(check, made, anchors, args.limit, time.time() - wall, anchors_load)
 
 
 def score_anchors(run: Path, limit: int | None, reuse: bool) -> dict[str, Any]:
@@ -185,10 +191,18 @@ def _row(name: str, tasks: dict[str, Any], changes: dict[str, Any], size: float 
     return row
 
 
-def write(check: dict[str, Any], made: dict[str, Path], anchors: dict[str, Any], limit: int | None, wall: float) -> None:
+def _load_words(reading: dict[str, Any] | None) -> str:
+    if not reading:
+        return "load not recorded"
+    quiet = "quiet" if not reading.get("reasons") else "BUSY: " + "; ".join(reading["reasons"])
+    return f"{quiet} (other processes kept {reading['other_cores']:.2f} of {reading['cpu_count']} cores busy)"
+
+
+def write(check: dict[str, Any], made: dict[str, Path], anchors: dict[str, Any], limit: int | None, wall: float,
+          anchors_load: dict[str, Any] | None) -> None:
     header = ["model", "size MB", "bbc_topic acc", "vs fp32 (paired 95 %)", "bbc_cloze acc", "vs fp32 (paired 95 %)",
               "cloze word perplexity", "scoring s"]
-    rows, data = [], {"parity": check, "runs": {}, "anchors": anchors, "limit": limit}
+    rows, data = [], {"parity": check, "runs": {}, "anchors": anchors, "anchors_load": anchors_load, "limit": limit}
     first = json.loads((made["gptq-int4"] / "report.json").read_text())["stages"][0]
     rows.append(_row("float32 (GGUF dequantized), torch", first.get("tasks", {}), {},
                      first["metrics"].get("size_bytes", 0) / 1e6, first.get("tasks_seconds")))
@@ -215,12 +229,15 @@ def write(check: dict[str, Any], made: dict[str, Path], anchors: dict[str, Any],
             lines.append(f"| {task} | {metric} | {value:.6g} | {c['optitool'].get(metric, float('nan')):.6g} | "
                          f"{c['items_with_equal_main_metric']}/{c['items']} | {c['largest_loglikelihood_difference']:.2e} |")
     lines += ["", f"Seconds for both tasks: lm-eval HF backend (batch 8) {check['seconds']['lm-eval HF backend']}, "
-                  f"optitool adapter (one request at a time, a context read once) {check['seconds']['optitool']}.", "",
+                  f"optitool adapter (one request at a time, a context read once) {check['seconds']['optitool']}; "
+                  f"machine {_load_words(check.get('load'))}.", "",
               "## Every model, paired with the float32 model on the same items", "",
               "Main metric ± its standard error; vs fp32: the change with its paired bootstrap 95 % interval ('worse': "
               "the whole interval below 0). Scoring seconds: both tasks, every item, this machine.", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "The optitool rows' scoring seconds were taken inside their `optitool run`; the anchors' with the "
+                  f"machine {_load_words(anchors_load)}. Scoring times on these 2 cores move with other load."]
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "smollm2_tasks.md").write_text("\n".join(lines) + "\n")
     (HERE / "results" / "smollm2_tasks.json").write_text(json.dumps(data, indent=1) + "\n")

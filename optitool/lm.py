@@ -105,12 +105,14 @@ def _next_token_stats(logits: Any, base_logits: Any | None, batch: Batch) -> dic
     target, real = ids[:, 1:], mask[:, 1:].bool()
     log_q = F.log_softmax(logits, dim=-1)
     nll = -log_q.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    stats = {"nll": float(nll[real].sum()), "tokens": float(real.sum())}
+    stats: dict[str, Any] = {"nll": float(nll[real].sum()), "tokens": float(real.sum())}
     if base_logits is not None:
         log_p = F.log_softmax(base_logits[:, :-1].float(), dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         agree = log_p.argmax(-1) == log_q.argmax(-1)
-        stats.update(kl=float(kl[real].sum()), agree=float(agree[real].sum()))
+        base_nll = -log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        per_block = ((nll - base_nll) * real).sum(-1) / real.sum(-1).clamp(min=1)
+        stats.update(kl=float(kl[real].sum()), agree=float(agree[real].sum()), block_nll_change=per_block.tolist())
     return stats
 
 
@@ -123,19 +125,37 @@ def lm_metrics(stage: ModelArtifact, baseline: ModelArtifact | None, batches: li
     run = Executor(stage, device if stage.kind == "torch" else "cpu")
     base = Executor(baseline, device if baseline.kind == "torch" else "cpu") if baseline is not None else None
     totals = {"nll": 0.0, "tokens": 0.0, "kl": 0.0, "agree": 0.0}
+    changes: list[float] = []  # per block: the stage's mean next-token loss minus the baseline's
     for batch in batches:
         _, logits = run.raw(batch.inputs)
         base_logits = base.raw(batch.inputs)[1] if base is not None else None
-        for key, value in _next_token_stats(logits, base_logits, batch).items():
+        stats = _next_token_stats(logits, base_logits, batch)
+        changes += stats.pop("block_nll_change", [])
+        for key, value in stats.items():
             totals[key] += value
     tokens = max(totals["tokens"], 1.0)
     metrics = {"perplexity": round(math.exp(totals["nll"] / tokens), 4), "eval_tokens": int(totals["tokens"])}
     if base is not None:
         kl = max(0.0, totals["kl"] / tokens)  # float error can leave an identical model at -1e-9
         metrics.update(token_agreement=round(totals["agree"] / tokens, 6), kl_to_baseline=round(kl, 6))
+        metrics.update(perplexity_ratio_interval(changes))
     else:
         metrics.update(token_agreement=1.0, kl_to_baseline=0.0)
     return metrics
+
+
+def perplexity_ratio_interval(block_changes: list[float]) -> dict[str, float]:
+    """The stage's perplexity over the baseline's with a paired 95 % interval over evaluation blocks (both ran
+    on the same blocks; each block's change in mean next-token loss is one paired item). Blocks are of one
+    length, so exp(mean change) is the ratio of the two perplexities."""
+    from optitool.paired import paired_change
+
+    if not block_changes:
+        return {}
+    change = paired_change([0.0] * len(block_changes), block_changes)
+    return {"perplexity_ratio": round(math.exp(change.difference), 6),
+            "perplexity_ratio_low": round(math.exp(change.low), 6),
+            "perplexity_ratio_high": round(math.exp(change.high), 6)}
 
 
 def generation_prompts(batches: list[Batch], length: int) -> Any:

@@ -57,6 +57,11 @@ def test_a_causal_lm_is_measured_per_token_and_pruning_shows_where_a_near_lossle
     assert bf16["token_agreement"] > 0.97 and bf16["kl_to_baseline"] < pruned["kl_to_baseline"] / 10
     assert base["generation_agreement"] == 1.0 and bf16["generation_agreement"] >= 0.9
     assert pruned["generation_agreement"] < bf16["generation_agreement"]
+    # the perplexity change paired block by block: the ratio of the two perplexities, inside its interval
+    for stage in (bf16, pruned):
+        assert stage["perplexity_ratio"] == pytest.approx(stage["perplexity"] / base["perplexity"], rel=1e-3)
+        assert stage["perplexity_ratio_low"] <= stage["perplexity_ratio"] <= stage["perplexity_ratio_high"]
+    assert "perplexity_ratio" not in base
 
 
 def test_language_model_budgets(tmp_path, optitool_tiny_causal_lm, optitool_text_folder):

@@ -86,3 +86,5 @@ def test_the_wheel_holds_every_package_of_the_core_and_the_builtin_plugins(tmp_p
     on_disk |= {str(p.relative_to(ROOT / "plugins")) for p in (ROOT / "plugins").rglob("*.py")
                 if "__pycache__" not in p.parts}
     assert on_disk <= modules, f"modules missing from the wheel: {sorted(on_disk - modules)}"
+    data = {str(p.relative_to(ROOT)) for p in (ROOT / "optitool" / "lm_tasks" / "bbc").iterdir()}
+    assert data and data <= set(names), f"task files missing from the wheel: {sorted(data - set(names))}"

@@ -5,7 +5,8 @@ Text becomes tokens exactly as lm-eval's Hugging Face backend makes them (the co
 moved to the continuation, the pair encoded whole and split at the context's length, the prefix token for
 an empty context, the same rolling windows and truncation), so a score here and one from `lm_eval --model
 hf` on the same weights are the same numbers up to float rounding. What differs is only how the model is
-run: one request at a time, a context read once however many continuations are scored after it.
+run: a torch model reads distinct sequences in batches; an ONNX graph one request at a time, a context read
+once however many continuations are scored after it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from optitool.lm_tasks.backends import Reader
 
 DEFAULT_MAX_GEN_TOKENS = 256
+CHUNK = 64  # sequences between progress reports when a reader reads many at once
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
@@ -39,6 +41,16 @@ def make_stage_lm(reader: Reader, tokenizer: Any, max_length: int, progress: Pro
             return self.scorer.generate_until([r.args for r in requests])
 
     return StageLM()
+
+
+def _sum_and_greedy(rows: Any, continuation: list[int]) -> tuple[float, bool]:
+    """The continuation's log-likelihood from the rows predicting each of its tokens, and whether every one
+    of them is the row's most likely token."""
+    total, greedy = 0.0, True
+    for row, token in zip(rows, continuation, strict=True):
+        total += float(row[token])
+        greedy = greedy and int(row.argmax()) == token
+    return total, greedy
 
 
 class TokenScorer:
@@ -74,6 +86,8 @@ class TokenScorer:
         """(sum of log-probabilities of each continuation, whether each of its tokens is the greedy one),
         after its context; the model sees at most max_length tokens, cut from the left as lm-eval does. A
         context is read once for all the continuations that follow it in `pairs`."""
+        if hasattr(self.reader, "read_many"):
+            return self._score_batched(pairs, what)
         results: list[tuple[float, bool]] = []
         last_context: tuple[int, ...] | None = None
         state: Any = None
@@ -82,10 +96,7 @@ class TokenScorer:
             if not continuation:
                 results.append((0.0, True))
                 continue
-            window = (context + continuation)[-(self.max_length + 1):]
-            head = window[:-len(continuation)]
-            if not head:  # a continuation longer than the window: its first tokens become the context
-                head, continuation = window[:1], window[1:]
+            head, continuation = self._window(context, continuation)
             if tuple(head) != last_context:
                 log_probs, state = self.reader.start(head)
                 last_context, last_row = tuple(head), log_probs[-1]
@@ -93,12 +104,42 @@ class TokenScorer:
             if len(continuation) > 1:
                 more, _ = self.reader.go_on(state, continuation[:-1], keep=True)
                 rows += list(more)
-            total, greedy = 0.0, True
-            for row, token in zip(rows, continuation, strict=True):
-                total += float(row[token])
-                greedy = greedy and int(row.argmax()) == token
-            results.append((total, greedy))
+            results.append(_sum_and_greedy(rows, continuation))
             self.progress(done + 1, len(pairs), what)
+        return results
+
+    def _window(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
+        """What the model reads: at most max_length tokens, cut from the left as lm-eval does."""
+        window = (context + continuation)[-(self.max_length + 1):]
+        head = window[:-len(continuation)]
+        if not head:  # a continuation longer than the window: its first tokens become the context
+            return window[:1], window[1:]
+        return head, continuation
+
+    def _score_batched(self, pairs: list[tuple[list[int], list[int]]], what: str) -> list[tuple[float, bool]]:
+        """The same scores from whole sequences read in batches: each distinct context + continuation (less its
+        last token) once, so the continuations of one token after one context share one sequence."""
+        cut = [self._window(c, x) if x else (c, x) for c, x in pairs]
+        sequences: dict[tuple[int, ...], int] = {}  # sequence -> the first position any pair needs from it
+        for head, continuation in cut:
+            if continuation:
+                key = tuple(head + continuation[:-1])
+                sequences[key] = min(sequences.get(key, len(head) - 1), len(head) - 1)
+        keys = list(sequences)
+        rows = {}
+        for first in range(0, len(keys), CHUNK):
+            chunk = keys[first:first + CHUNK]
+            read = self.reader.read_many([list(k) for k in chunk], [sequences[k] for k in chunk])
+            rows.update(zip(chunk, read, strict=True))
+            self.progress(min(first + CHUNK, len(keys)), len(keys), f"{what} (distinct sequences)")
+        results = []
+        for head, continuation in cut:
+            if not continuation:
+                results.append((0.0, True))
+                continue
+            key = tuple(head + continuation[:-1])
+            offset = len(head) - 1 - sequences[key]
+            results.append(_sum_and_greedy(rows[key][offset:offset + len(continuation)], continuation))
         return results
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
