@@ -110,7 +110,12 @@ def _task_checks(stage: dict[str, Any], budget: BudgetSpec, report: dict[str, An
     wanted = budget.no_significant_task_drop
     if wanted:
         scored = ((report.get("pipeline") or {}).get("evaluation") or {}).get("tasks") or list(changes)
-        for task in (wanted if isinstance(wanted, list) else list(changes) or scored):
+        tasks = wanted if isinstance(wanted, list) else list(changes) or scored
+        if not tasks:
+            checks.append({"budget": "no_significant_task_drop", "limit": 0, "measured": None, "passed": False,
+                           "message": "no_significant_task_drop: no task was scored on this stage and the baseline, "
+                                      "so it cannot be shown to hold"})
+        for task in tasks:
             change = changes.get(task)
             name = f"no_significant_task_drop[{task}]"
             if change is None:

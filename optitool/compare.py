@@ -122,11 +122,32 @@ def _compare_stage(old: dict[str, Any], stage: dict[str, Any], max_regression: f
         drop = a - b2
         rows.append({"stage": name, "what": key, "base": a, "new": b2, "change": -drop,
                      "verdict": "regression" if drop > max_metric_drop else "unchanged"})
+    rows += _task_rows(name, old.get("tasks") or {}, stage.get("tasks") or {}, max_metric_drop)
     old_ppl, new_ppl = old.get("metrics", {}).get("perplexity"), stage.get("metrics", {}).get("perplexity")
     if old_ppl and new_ppl:  # lower is better; a relative rise beyond max_metric_drop regresses
         rows.append(_growth_row(name, "perplexity", old_ppl, new_ppl, max_metric_drop))
     elif old_ppl:
         rows.append(_absent(name, "perplexity", "missing", "measured in the base, not in the new"))
+    return rows
+
+
+def _task_rows(stage: str, old: dict[str, Any], new: dict[str, Any], max_metric_drop: float) -> list[dict[str, Any]]:
+    """lm-eval task scores ([evaluation]): the main metric, a drop beyond max_metric_drop (absolute, whichever
+    way the metric points) regresses."""
+    rows = []
+    for task, before in old.items():
+        metric = before.get("main_metric")
+        if metric is None or metric not in before.get("metrics", {}):
+            continue
+        after = (new.get(task) or {}).get("metrics", {}).get(metric)
+        what = f"{task} {metric}"
+        if after is None:
+            rows.append(_absent(stage, what, "missing", "scored in the base, not in the new"))
+            continue
+        sign = 1 if before.get("higher_is_better", {}).get(metric, True) else -1
+        change = after - before["metrics"][metric]
+        rows.append({"stage": stage, "what": what, "base": before["metrics"][metric], "new": after, "change": change,
+                     "verdict": "regression" if -sign * change > max_metric_drop else "unchanged"})
     return rows
 
 

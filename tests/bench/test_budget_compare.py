@@ -169,3 +169,29 @@ def test_reports_with_nothing_in_common_are_refused(tmp_path):
     (tmp_path / "o.json").write_text(json.dumps(other))
     result = CliRunner().invoke(cli, ["compare", str(tmp_path / "b.json"), str(tmp_path / "o.json")])
     assert result.exit_code == 2 and "no stage in common" in result.output
+
+
+def with_tasks(acc: float, perplexity: float) -> dict:
+    r = report(100)
+    r["stages"][1]["tasks"] = {"bbc_topic": {"metrics": {"acc": acc}, "main_metric": "acc", "higher_is_better": {"acc": True}},
+                               "words": {"metrics": {"word_perplexity": perplexity}, "main_metric": "word_perplexity",
+                                         "higher_is_better": {"word_perplexity": False}}}
+    return r
+
+
+def test_lm_eval_task_scores_are_compared_whichever_way_their_metric_points():
+    rows = {r["what"]: r for r in compare_reports(with_tasks(0.80, 10.0), with_tasks(0.78, 10.5),
+                                                  max_metric_drop=0.01)["rows"]}
+    assert rows["bbc_topic acc"]["verdict"] == "regression" and rows["bbc_topic acc"]["change"] == pytest.approx(-0.02)
+    assert rows["words word_perplexity"]["verdict"] == "regression"  # lower is better: a rise regresses
+    better = {r["what"]: r for r in compare_reports(with_tasks(0.80, 10.0), with_tasks(0.81, 9.0))["rows"]}
+    assert better["bbc_topic acc"]["verdict"] == better["words word_perplexity"]["verdict"] == "unchanged"
+    missing = compare_reports(with_tasks(0.80, 10.0), report(100))
+    assert missing["failed"] and any(r["what"] == "bbc_topic acc" and r["verdict"] == "missing" for r in missing["rows"])
+
+
+def test_task_budgets_fail_closed_when_a_task_was_not_paired():
+    verdict = check_budget(report(100), BudgetSpec(max_task_drop={"bbc_topic": 0.02}, no_significant_task_drop=True))
+    assert not verdict["passed"] and len(verdict["checks"]) == 2
+    assert not any(c["passed"] for c in verdict["checks"])
+    assert all("cannot be shown to hold" in c["message"] for c in verdict["checks"])
