@@ -108,3 +108,22 @@ def test_the_run_command_shows_task_scores_and_exits_1_on_a_task_budget(bpe_caus
     assert result.exit_code == (0 if change["drop"] <= 0 else 1), result.output
     assert "tiny_multiple_choice acc" in result.output and "lm-eval tasks" in result.output
     assert "no_significant_task_drop[tiny_multiple_choice]" in result.output
+
+
+def test_an_onnx_stage_scores_the_items_its_torch_parent_scores(bpe_causal_lm, tmp_path):
+    """The exported graph (through its KV cache) on a 20-item task of each kind, paired with the torch model."""
+    from optitool.testing import run_snippet
+
+    for kind in ("multiple_choice", "loglikelihood", "generate_until"):
+        tiny_task_file(tmp_path / "tasks", items=20, output_type=kind)
+    toml = (f'[model]\nsource = "hf"\npath = "{bpe_causal_lm}"\nmax_length = 32\n[benchmark]\nenabled = false\n'
+            '[[passes]]\npass = "onnx_export"\n[evaluation]\ntasks = ["tasks/tiny_multiple_choice.yaml", '
+            '"tasks/tiny_loglikelihood.yaml", "tasks/tiny_generate_until.yaml"]\n')
+    stages = run_snippet(toml, tmp_path).report["stages"]
+    assert [s["kind"] for s in stages] == ["torch", "onnx"]
+    base, onnx = stages
+    for task, scores in base["tasks"].items():
+        assert onnx["tasks"][task]["items"] == scores["items"] == 20
+        for metric, value in scores["metrics"].items():
+            assert onnx["tasks"][task]["metrics"][metric] == pytest.approx(value, rel=1e-3), (task, metric)
+        assert onnx["task_changes"][task]["difference"] == 0, task  # the same answer on every item
