@@ -26,7 +26,6 @@ from optitool.passes import PassContext
 from optitool.plugins import Plugins
 
 SCHEMA_VERSION = 1
-DEFAULT_CONTEXT = 2048  # tokens lm-eval's HF backend gives a model whose files do not say its context length
 
 
 def resolve_device(requested: str) -> str:
@@ -480,41 +479,14 @@ class Runner:
 
     def _score_tasks(self, inputs: Any, device: str) -> None:
         """[evaluation]'s lm-eval tasks on its stages, each stage's drop from the baseline paired by item."""
-        from optitool.lm_tasks.backends import reader_for
-        from optitool.lm_tasks.scoring import ITEMS_FILE, ThrottledProgress, paired_changes, score
+        from optitool.lm_tasks.scoring import score_stages
 
-        evaluation = self.spec.evaluation
-        assert evaluation is not None
-        chosen = list(dict.fromkeys(self.stages[-1].name if n == "final" else n for n in evaluation.stages))
-        stages = [s for s in self.stages if s.name in chosen]
         loader = self.registry.loaders[self.spec.model.source].obj
         context = loader.context_length(self.spec.model, self.spec.base_dir) \
             if hasattr(loader, "context_length") else None
-        max_length = evaluation.max_length or context or DEFAULT_CONTEXT
-        names = ", ".join(evaluation.tasks)
-        scores: dict[str, Any] = {}
-        for stage in stages:
-            start = time.perf_counter()
-            with self.console.step(f"lm-eval tasks ({names}) on {stage.name}"):
-                try:
-                    scores[stage.name] = score(
-                        reader_for(stage.artifact, device), inputs.tokenizer, self.spec.evaluation_tasks,
-                        limit=evaluation.limit, num_fewshot=evaluation.num_fewshot, max_length=max_length,
-                        seed=self.spec.seed, progress=ThrottledProgress(self.console.say, stage.name))
-                except OptitoolError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - lm-eval or a task's own code failed: say which
-                    self.log.exception("lm-eval tasks on %s failed", stage.name)
-                    raise RunError(f"scoring lm-eval tasks ({names}) on stage {stage.name!r} failed: "
-                                   f"{type(exc).__name__}: {exc}") from exc
-            stage.record["tasks"] = {t: s.summary() for t, s in scores[stage.name].items()}
-            stage.record["tasks_seconds"] = round(time.perf_counter() - start, 1)
-            if "baseline" in scores and stage.name != "baseline":
-                stage.record["task_changes"] = paired_changes(scores["baseline"], scores[stage.name], self.spec.seed)
-            folder = stage.folder or self.run_dir / "00-baseline"
-            atomic.write_json(folder / ITEMS_FILE, {t: s.items for t, s in scores[stage.name].items()})
-            atomic.write_json(folder / "stage.json", stage.record)
-            self._refresh_stages()
+        score_stages(self.stages, self.spec, inputs.tokenizer, device, context_length=context,
+                     baseline_folder=self.run_dir / "00-baseline", console=self.console, log=self.log,
+                     stage_done=self._refresh_stages)
 
     def _benchmark(self, inputs: Any, device: str) -> None:
         from optitool.bench.suite import BenchTarget, benchmark_targets

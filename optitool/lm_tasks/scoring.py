@@ -18,6 +18,7 @@ from optitool.lm_tasks.tasks import TaskRef, task_configs
 from optitool.paired import paired_change
 
 BOOTSTRAP_ITERS = 1000  # lm-eval's own bootstrap, for standard errors of corpus-level metrics
+DEFAULT_CONTEXT = 2048  # tokens lm-eval's HF backend gives a model whose files do not say its context length
 
 
 @dataclass
@@ -148,3 +149,43 @@ class ThrottledProgress:
         if done == total or now - self._last >= self.every_s:
             self._last = now
             self.say(f"  {self.stage}: {what} {done}/{total}")
+
+
+def score_stages(stages: list[Any], spec: Any, tokenizer: Any, device: str, *, context_length: int | None,
+                 baseline_folder: Any, console: Any, log: Any, stage_done: Any) -> None:
+    """The run's part: `[evaluation]`'s tasks on the stages it names ('final': the last), in order, each
+    stage's record given its scores, its paired changes from the baseline and the seconds they took; its
+    per-item scores kept beside it (the baseline's in `baseline_folder`). `stage_done` is called after each."""
+    import time
+
+    from optitool import atomic
+    from optitool.errors import OptitoolError, RunError
+    from optitool.lm_tasks.backends import reader_for
+
+    evaluation = spec.evaluation
+    chosen = {stages[-1].name if n == "final" else n for n in evaluation.stages}
+    max_length = evaluation.max_length or context_length or DEFAULT_CONTEXT
+    names = ", ".join(evaluation.tasks)
+    scores: dict[str, dict[str, TaskScores]] = {}
+    for stage in [s for s in stages if s.name in chosen]:
+        start = time.perf_counter()
+        with console.step(f"lm-eval tasks ({names}) on {stage.name}"):
+            try:
+                scores[stage.name] = score(
+                    reader_for(stage.artifact, device), tokenizer, spec.evaluation_tasks, limit=evaluation.limit,
+                    num_fewshot=evaluation.num_fewshot, max_length=max_length, seed=spec.seed,
+                    progress=ThrottledProgress(console.say, stage.name))
+            except OptitoolError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - lm-eval or a task's own code failed: say which
+                log.exception("lm-eval tasks on %s failed", stage.name)
+                raise RunError(f"scoring lm-eval tasks ({names}) on stage {stage.name!r} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        stage.record["tasks"] = {t: s.summary() for t, s in scores[stage.name].items()}
+        stage.record["tasks_seconds"] = round(time.perf_counter() - start, 1)
+        if "baseline" in scores and stage.name != "baseline":
+            stage.record["task_changes"] = paired_changes(scores["baseline"], scores[stage.name], spec.seed)
+        folder = stage.folder or baseline_folder
+        atomic.write_json(folder / ITEMS_FILE, {t: s.items for t, s in scores[stage.name].items()})
+        atomic.write_json(folder / "stage.json", stage.record)
+        stage_done()
