@@ -170,11 +170,12 @@ def score_anchors(run: Path, limit: int | None, reuse: bool) -> dict[str, Any]:
                        num_fewshot=0, max_length=model.config.max_position_embeddings, seed=0)
         out[label] = {"tasks": {t: s.summary() for t, s in scores.items()},
                       "task_changes": paired_changes(baseline, scores, 0), "tasks_seconds": round(time.time() - started, 1),
-                      "size_mb": round(cpu.folder_mb(cpu.onnx_files(graph)), 1)}
+                      "size_mb": round(cpu.folder_mb([*built[label].glob("*.onnx"), *built[label].glob("*.onnx.data")]), 1)}
     return out
 
 
-def _row(name: str, tasks: dict[str, Any], changes: dict[str, Any], size: float | None, seconds: float | None) -> list[str]:
+def _row(name: str, tasks: dict[str, Any], changes: dict[str, Any], size: float | None, seconds: float | None,
+         load: dict[str, Any] | None = None) -> list[str]:
     row = [name, f"{size:.0f}" if size else "-"]
     for task in TASKS:
         scores = tasks.get(task)
@@ -187,7 +188,9 @@ def _row(name: str, tasks: dict[str, Any], changes: dict[str, Any], size: float 
         row.append("-" if change is None else f"{change['difference']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}]"
                    + (" worse" if change["significantly_worse"] else ""))
     cloze = tasks.get("bbc_cloze", {}).get("metrics", {}).get("perplexity")
-    row += [f"{cloze:.1f}" if cloze is not None else "-", f"{seconds:.0f}" if seconds is not None else "-"]
+    busy = "" if load is None else " (quiet)" if not load.get("reasons") else " (BUSY)"
+    row += [f"{cloze:.1f}" if cloze is not None else "-",
+            (f"{seconds:.0f}" + (busy if load is not None else " (load not recorded)")) if seconds is not None else "-"]
     return row
 
 
@@ -205,7 +208,7 @@ def write(check: dict[str, Any], made: dict[str, Path], anchors: dict[str, Any],
     rows, data = [], {"parity": check, "runs": {}, "anchors": anchors, "anchors_load": anchors_load, "limit": limit}
     first = json.loads((made["gptq-int4"] / "report.json").read_text())["stages"][0]
     rows.append(_row("float32 (GGUF dequantized), torch", first.get("tasks", {}), {},
-                     first["metrics"].get("size_bytes", 0) / 1e6, first.get("tasks_seconds")))
+                     first["metrics"].get("size_bytes", 0) / 1e6, first.get("tasks_seconds"), first.get("tasks_load")))
     for label, run in made.items():
         report = json.loads((run / "report.json").read_text())
         final = report["stages"][-1]
@@ -214,10 +217,10 @@ def write(check: dict[str, Any], made: dict[str, Path], anchors: dict[str, Any],
                                "made_in_seconds": float((run / "made_in_seconds.txt").read_text())}
         rows.append(_row(f"optitool {label} ({final['name']}, {final['kind']})", final.get("tasks", {}),
                          final.get("task_changes", {}), final["metrics"].get("size_bytes", 0) / 1e6,
-                         final.get("tasks_seconds")))
+                         final.get("tasks_seconds"), final.get("tasks_load")))
     for label, scored in anchors.items():
         rows.append(_row(f"onnxruntime-genai {label}", scored["tasks"], scored["task_changes"], scored["size_mb"],
-                         scored["tasks_seconds"]))
+                         scored["tasks_seconds"], anchors_load))
     lines = ["# SmolLM2-135M on the offline lm-eval tasks (bbc_topic, bbc_cloze)", "",
              f"`python -m benchmarks.smollm2_tasks{f' --limit {limit}' if limit else ''}`; {wall / 60:.0f} min in all.", "",
              machine_line(THREADS), "", "## The adapter against lm-eval's own Hugging Face backend (float32, same weights)", "",
@@ -229,15 +232,20 @@ def write(check: dict[str, Any], made: dict[str, Path], anchors: dict[str, Any],
             lines.append(f"| {task} | {metric} | {value:.6g} | {c['optitool'].get(metric, float('nan')):.6g} | "
                          f"{c['items_with_equal_main_metric']}/{c['items']} | {c['largest_loglikelihood_difference']:.2e} |")
     lines += ["", f"Seconds for both tasks: lm-eval HF backend (batch 8) {check['seconds']['lm-eval HF backend']}, "
-                  f"optitool adapter (one request at a time, a context read once) {check['seconds']['optitool']}; "
+                  f"optitool adapter (a torch model reads distinct sequences in batches of 8) {check['seconds']['optitool']}; "
                   f"machine {_load_words(check.get('load'))}.", "",
               "## Every model, paired with the float32 model on the same items", "",
               "Main metric ± its standard error; vs fp32: the change with its paired bootstrap 95 % interval ('worse': "
               "the whole interval below 0). Scoring seconds: both tasks, every item, this machine.", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "The optitool rows' scoring seconds were taken inside their `optitool run`; the anchors' with the "
-                  f"machine {_load_words(anchors_load)}. Scoring times on these 2 cores move with other load."]
+    lines += ["", "The optitool rows' scoring seconds were taken inside their `optitool run` (its report records the "
+                  "machine's load while it scored, where the run was made by an optitool that records it); the anchors' "
+                  f"with the machine {_load_words(anchors_load)}. Scoring times on these 2 cores move with other load; "
+                  "the scores do not."]
+    lines += ["", "Wall time of each `optitool run` (loading, passes, its own evaluation, and scoring baseline and final "
+                  "on both tasks): " + ", ".join(f"{label} {run['made_in_seconds']:.0f} s"
+                                                 for label, run in data["runs"].items()) + "."]
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "smollm2_tasks.md").write_text("\n".join(lines) + "\n")
     (HERE / "results" / "smollm2_tasks.json").write_text(json.dumps(data, indent=1) + "\n")

@@ -159,6 +159,7 @@ def score_stages(stages: list[Any], spec: Any, tokenizer: Any, device: str, *, c
     import time
 
     from optitool import atomic
+    from optitool.bench.load import LoadMonitor
     from optitool.errors import OptitoolError, RunError
     from optitool.lm_tasks.backends import reader_for
 
@@ -169,7 +170,7 @@ def score_stages(stages: list[Any], spec: Any, tokenizer: Any, device: str, *, c
     scores: dict[str, dict[str, TaskScores]] = {}
     for stage in [s for s in stages if s.name in chosen]:
         start = time.perf_counter()
-        with console.step(f"lm-eval tasks ({names}) on {stage.name}"):
+        with console.step(f"lm-eval tasks ({names}) on {stage.name}"), LoadMonitor() as load:
             try:
                 scores[stage.name] = score(
                     reader_for(stage.artifact, device), tokenizer, spec.evaluation_tasks, limit=evaluation.limit,
@@ -183,6 +184,7 @@ def score_stages(stages: list[Any], spec: Any, tokenizer: Any, device: str, *, c
                                f"{type(exc).__name__}: {exc}") from exc
         stage.record["tasks"] = {t: s.summary() for t, s in scores[stage.name].items()}
         stage.record["tasks_seconds"] = round(time.perf_counter() - start, 1)
+        stage.record["tasks_load"] = load.reading.as_dict() if load.reading else None  # was the time its own?
         if "baseline" in scores and stage.name != "baseline":
             stage.record["task_changes"] = paired_changes(scores["baseline"], scores[stage.name], spec.seed)
         folder = stage.folder or baseline_folder
