@@ -146,7 +146,7 @@ def main() -> None:
     with LoadMonitor() as load:
         anchors = score_anchors(made["gptq-int4"], args.limit, args.reuse)
     anchors_load = load.reading.as_dict() if load.reading else None
-    write(check, made, anchors, args.limit, time.time() - wall, anchors_load)
+    write(check, made, anchors, args.limit, time.time() - wall, anchors_load, args.reuse)
 
 
 def score_anchors(run: Path, limit: int | None, reuse: bool) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def _load_words(reading: dict[str, Any] | None) -> str:
 
 
 def write(check: dict[str, Any], made: dict[str, Path], anchors: dict[str, Any], limit: int | None, wall: float,
-          anchors_load: dict[str, Any] | None) -> None:
+          anchors_load: dict[str, Any] | None, reuse: bool) -> None:
     header = ["model", "size MB", "bbc_topic acc", "vs fp32 (paired 95 %)", "bbc_cloze acc", "vs fp32 (paired 95 %)",
               "cloze word perplexity", "scoring s"]
     rows, data = [], {"parity": check, "runs": {}, "anchors": anchors, "anchors_load": anchors_load, "limit": limit}
@@ -222,7 +222,9 @@ def write(check: dict[str, Any], made: dict[str, Path], anchors: dict[str, Any],
         rows.append(_row(f"onnxruntime-genai {label}", scored["tasks"], scored["task_changes"], scored["size_mb"],
                          scored["tasks_seconds"], anchors_load))
     lines = ["# SmolLM2-135M on the offline lm-eval tasks (bbc_topic, bbc_cloze)", "",
-             f"`python -m benchmarks.smollm2_tasks{f' --limit {limit}' if limit else ''}`; {wall / 60:.0f} min in all.", "",
+             f"`python -m benchmarks.smollm2_tasks{f' --limit {limit}' if limit else ''}{' --reuse' if reuse else ''}`; "
+             f"{wall / 60:.0f} min" + (" (the optitool runs were reused from an earlier invocation: their own wall "
+                                      "times are at the end)" if reuse else " in all") + ".", "",
              machine_line(THREADS), "", "## The adapter against lm-eval's own Hugging Face backend (float32, same weights)", "",
              "| task | metric | lm-eval HF backend | optitool adapter | items with equal main metric | largest "
              "log-likelihood difference |", "|---|---|---|---|---|---|"]
