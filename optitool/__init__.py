@@ -19,7 +19,7 @@ from optitool.data.inputs import Batch, InputSource
 from optitool.distributed import torchrun_world
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
 from optitool.execution import Executor, call_module, inputs_for, main_output, pooled
-from optitool.lm import greedy_with_cache, is_causal_lm, token_blocks
+from optitool.lm import cache_argument, greedy_with_cache, is_causal_lm, token_blocks
 from optitool.metrics import Evaluation
 from optitool.models.base import Loader
 from optitool.models.onnx_files import copy_onnx, save_onnx
@@ -74,6 +74,7 @@ __all__ = [
     "calibration_batches",
     "call_module",
     "copy_onnx",
+    "cache_argument",
     "greedy_with_cache",
     "hookimpl",
     "inputs_for",

@@ -169,15 +169,19 @@ def generation_prompts(batches: list[Batch], length: int) -> Any:
 Clock = Callable[[], float]
 
 
+def cache_argument(module: Any) -> str:
+    """transformers 5 calls the cache `cache` where 4.57 (which optimum needs) calls it `past_key_values` (the
+    old name warns in 5, and goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def greedy_with_cache(module: Any, ids: Any, new_tokens: int, clock: Clock = time.perf_counter) -> Decoded:
     """Greedy decoding of a torch causal LM with its own KV cache, as Hugging Face's generate() runs it:
     one prefill over the prompts (unpadded, all of one length), then one token at a time."""
     import torch
 
     mask = torch.ones_like(ids)
-    # transformers 5 renamed the cache argument and output from past_key_values to cache (the old names
-    # warn, and go in 5.40); 4.57, which optimum needs, knows only the old ones
-    key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    key = cache_argument(module)
     with torch.inference_mode():
         start = clock()
         out = module(input_ids=ids, attention_mask=mask, use_cache=True)

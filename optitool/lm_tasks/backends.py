@@ -42,11 +42,10 @@ class TorchReader:
     """A Hugging Face causal LM with its own KV cache (forked by copying it)."""
 
     def __init__(self, module: Any, device: str) -> None:
-        import inspect
+        from optitool.lm import cache_argument
 
         self.module, self.device = module.to(device).eval(), device
-        # transformers 5 calls it `cache`, 4.57 (which optimum needs) `past_key_values`
-        self.key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+        self.key = cache_argument(module)
 
     def _run(self, ids: list[int], past: Any, length: int) -> tuple[Any, Any]:
         import torch

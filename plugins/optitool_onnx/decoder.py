@@ -8,22 +8,16 @@ are computed in the graph from the attention mask, so left-padded batches decode
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from optitool import PassError, TorchModel
+from optitool import PassError, TorchModel, cache_argument
 
 
 class CacheShape(NamedTuple):
     layers: int
     kv_heads: int
     head_dim: int
-
-
-def cache_argument(module: Any) -> str:
-    """transformers 5 calls the cache `cache` where 4.57 (which optimum needs) calls it `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def cache_tensors(cache: Any) -> list[Any]:
