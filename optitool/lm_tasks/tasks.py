@@ -124,7 +124,7 @@ def _check_registered(names: list[str], where: str) -> None:
     known = TaskManager().all_tasks
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=3)
+            close = difflib.get_close_matches(name, [*SHIPPED_TASKS, *known], n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             shipped = ", ".join(SHIPPED_TASKS)
             raise ConfigError(f"{where}: [evaluation].tasks names {name!r}, which is neither a task shipped with "

@@ -69,6 +69,8 @@ def test_bad_evaluation_settings_are_refused(write, lm_folder, tmp_path, evaluat
 def test_an_unknown_task_name_gets_lm_evals_close_names(write, lm_folder):
     code, out = validate(write, pipeline(lm_folder, '[evaluation]\ntasks = ["lambada_openaii"]\n'))
     assert code == 2 and "'lambada_openaii'" in out and "did you mean" in out and "'lambada_openai'" in out, out
+    code, out = validate(write, pipeline(lm_folder, '[evaluation]\ntasks = ["bbc_topik"]\n'))
+    assert code == 2 and "did you mean 'bbc_topic'" in out, out  # the shipped tasks are among the close names
 
 
 def test_task_budgets_need_an_evaluation_table(write, lm_folder):
