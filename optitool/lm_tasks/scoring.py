@@ -18,6 +18,7 @@ from optitool.lm_tasks.tasks import TaskRef, task_configs
 from optitool.paired import paired_change
 
 BOOTSTRAP_ITERS = 1000  # lm-eval's own bootstrap, for standard errors of corpus-level metrics
+ITEMS_FILE = "task_items.json"  # per-item scores beside each scored stage
 DEFAULT_CONTEXT = 2048  # tokens lm-eval's HF backend gives a model whose files do not say its context length
 
 
@@ -64,7 +65,7 @@ def _task_scores(name: str, results: dict[str, Any]) -> TaskScores:
     metrics, stderr = {}, {}
     for key, value in results["results"][name].items():
         metric, _, _ = key.partition(",")
-        if not isinstance(value, int | float) or metric in ("sample_len",):
+        if not isinstance(value, int | float) or metric == "sample_len":
             continue
         if metric.endswith("_stderr"):
             if isinstance(value, float) and value == value:  # lm-eval writes "N/A" or nan when it has none
@@ -80,9 +81,6 @@ def _task_scores(name: str, results: dict[str, Any]) -> TaskScores:
     mean_metrics = [m["metric"] for m in aggregation if m.get("aggregation", "mean") == "mean"] or averaged
     main = next((m for m in mean_metrics if m in metrics), None)
     return TaskScores(name, metrics, stderr, higher, items, int(results["n-shot"].get(name, 0)), main)
-
-
-ITEMS_FILE = "task_items.json"
 
 
 def load_scores(stage_folder: Any) -> dict[str, TaskScores]:
