@@ -402,6 +402,7 @@ class Runner:
 
     def _run_pass_here(self, pass_spec: Any, model: ModelArtifact, inputs: Any, device: str, plugin: str,
                        folder: Path, where: str) -> ModelArtifact:
+        from optitool.models.onnx_files import carry_companions
         from optitool.models.store import save_artifact, stage_metrics
 
         instance = pass_spec.make(self.registry)
@@ -433,6 +434,8 @@ class Runner:
                 result.task = model.task if isinstance(model, OnnxModel) else (
                     "text-generation" if is_causal_lm(model) else None)
             file_name, saved = save_artifact(result, tmp)
+            if isinstance(result, OnnxModel) and isinstance(model, OnnxModel):
+                carry_companions(model.path, tmp / file_name)
             metrics = {**stage_metrics(result, saved), **memory.as_metrics(), **ctx.metrics}
             metrics.update(self.evaluator(result))
             record = {"name": pass_spec.stage_name, "pass": pass_spec.pass_name, "plugin": plugin,

@@ -125,6 +125,36 @@ def test_onnxruntime_genai_builder_as_exporter(tmp_path, optitool_text_folder):
         run_snippet(_export_snippet(narrow, optitool_text_folder, "genai"), tmp_path / "b")
 
 
+def test_a_quantized_genai_export_still_runs_in_onnxruntime_genai(tmp_path, optitool_text_folder):
+    """The builder's genai_config.json and tokenizer files travel with the graph through weight_only_quantize
+    (its inputs and outputs unchanged), so the 4-bit folder loads in onnxruntime-genai's runtime and
+    generates there the greedy tokens optitool's own decoder does."""
+    og = pytest.importorskip("onnxruntime_genai")
+    import numpy as np
+
+    from optitool import open_decoder
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=100, hidden=64, vocab_size=96)
+    passes = ('[[passes]]\npass = "weight_only_quantize"\nbits = 4\nblock_size = 16\naccuracy_level = 4\n'
+              'op_types = ["MatMul", "Gather"]\n')
+    result = run_snippet(_export_snippet(folder, optitool_text_folder, "genai") + passes, tmp_path / "run")
+    quantized = result.run_dir / "02-weight_only_quantize"
+    assert {"genai_config.json", "tokenizer.json"} <= {p.name for p in quantized.iterdir()}
+    prompt = np.array([[5, 17, 33, 8, 41, 2, 19, 60]], np.int64)
+    ours, _, _ = open_decoder(quantized / "model.onnx").greedy(prompt, 12)
+    model = og.Model(str(quantized))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + 12, min_length=prompt.shape[1] + 12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.astype(np.int32))
+    theirs = []
+    while len(theirs) < 12:
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    assert theirs == ours[0].tolist()
+
+
 def test_a_decode_step_that_differs_from_torch_fails_the_export(tmp_path, optitool_text_folder, monkeypatch):
     from optitool.onnx_decoding import OnnxDecoder
     from optitool.testing import tiny_causal_lm_dir

@@ -46,6 +46,38 @@ def onnx_size_bytes(path: Path) -> int:
     return path.stat().st_size + sum(f.stat().st_size for f in external_files(path) if f.exists())
 
 
+# Files beside a graph that a runtime reads to run it: onnxruntime-genai's genai_config.json (which names
+# model.onnx, its inputs and the search settings) and the Hugging Face config and tokenizer files that
+# onnxruntime-genai and Optimum load from the same folder.
+COMPANION_FILES = ("genai_config.json", "config.json", "generation_config.json", "tokenizer.json",
+                   "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja")
+
+
+def carry_companions(source: Path, target: Path) -> list[str]:
+    """Copy the companion files beside graph `source` to the folder of graph `target` when the two graphs
+    take and give the same named inputs and outputs; returns the names copied.
+
+    A pass that rewrites a graph's weights (quantization) leaves what a runtime's config describes intact,
+    so the quantized folder runs in onnxruntime-genai as the exported one did; a pass that changes the
+    graph's interface would leave such a config describing another graph, so nothing is carried then."""
+    if source.parent.resolve() == target.parent.resolve():
+        return []
+    present = [name for name in COMPANION_FILES if (source.parent / name).is_file()
+               and not (target.parent / name).exists()]
+    if not present or _interface(source) != _interface(target):
+        return []
+    for name in present:
+        shutil.copy2(source.parent / name, target.parent / name)
+    return present
+
+
+def _interface(path: Path) -> tuple[list[str], list[str]]:
+    graph = read_onnx_graph(path)
+    initializers = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in initializers], [o.name for o in graph.output]
+
+
 def copy_onnx(src: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dest)
