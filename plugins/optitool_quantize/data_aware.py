@@ -87,14 +87,11 @@ class GridQuantize(Pass):
 
     def _plan(self, model: TorchModel, batches: list[dict[str, Any]], ctx: PassContext,
               layout: Any) -> dict[str, int]:
-        """Bits per covered layer (inside the blocks, when the model has known blocks): `bits` for all, or the
-        measured 4/8 mix under bits_per_weight."""
+        """Bits per covered layer: `bits` for all, or the measured 4/8 mix under bits_per_weight."""
         from optitool_quantize.mixed import average_bits, layer_sensitivity, plan_bits
 
         cfg: GridConfig = self.config
         layers = self._layers(model.module, "")
-        if layout is not None:
-            layers = {n: m for n, m in layers.items() if n.startswith(f"{layout.blocks_path}.")}
         self._check(layers)
         if cfg.bits_per_weight is None:
             return dict.fromkeys(layers, cfg.bits)
@@ -137,6 +134,13 @@ class GridQuantize(Pass):
                         feed.observe(layers, hessians.add)
                         self._round_all(layers, hessians, errors, plan)
                     progress.update(1)
+            # Covered layers outside the blocks (the LM head, when `exclude` lets it in) see the rounded blocks'
+            # outputs: one more pass over the calibration batches, the blocks already rounded.
+            outside = {n: m for n, m in self._layers(module, "").items() if not n.startswith(f"{layout.blocks_path}.")}
+            if outside:
+                hessians = _Gram()
+                observe_inputs(module, outside, batches, hessians.add, device=ctx.device)
+                self._round_all(outside, hessians, errors, plan)
         ours = sum(e[0] for e in errors.values())
         nearest = sum(e[1] for e in errors.values())
         ctx.metrics.update(

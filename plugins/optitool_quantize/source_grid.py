@@ -186,14 +186,16 @@ def embedding_tables(graph: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accuracy_level: int,
-                                    exclude: list[str], head_bits: int = 8) -> SourceGridResult:
+                                    exclude: list[str], head_bits: int = 8,
+                                    head_block_size: int | None = None) -> SourceGridResult:
     """Replace every MatMul whose weight is a 2-D initializer (K divisible by the block) with MatMulNBits on
     the grid its weight sits on, in place: an integer-zero-point grid where there is one (at `bits`, or at 8
     bits for a weight on no grid of `bits`: a Q8_0 embedding tied to the LM head), else a float-minimum grid
     with the offset term, else min/max round to nearest. The LM head (the MatMul that gives the graph's
     logits, or whose weight is an embedding table's transpose: the layer small models are most sensitive in,
     and the largest read per token) goes in
-    `head_bits`, on its own grid of those bits where it has one (GGUF's Q8_0), else rounded to nearest."""
+    `head_bits`, on its own grid of those bits where it has one (GGUF's Q8_0), else rounded to nearest, in
+    blocks of `head_block_size` (default `block_size`)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -208,20 +210,24 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
     sums: dict[str, str] = {}
     for node in graph.node:
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or len(weight.dims) != 2 or node.name in exclude or weight.dims[0] % block_size:
+        if weight is None or len(weight.dims) != 2 or node.name in exclude:
             nodes.append(node)
             continue
         array = numpy_helper.to_array(weight)
+        head = node.output[0] in outputs or digest(array) in tied  # gives logits, or is the table
+        size = (head_block_size or block_size) if head else block_size
+        if weight.dims[0] % size:
+            nodes.append(node)
+            continue
         replaced[f"{node.name}_Q"] = digest(array)
-        head = node.output[0] in outputs or replaced[f"{node.name}_Q"] in tied  # gives logits, or is the table
         k, n = array.shape
-        blocks = k // block_size
-        attrs: dict[str, Any] = {"K": k, "N": n, "block_size": block_size}
+        blocks = k // size
+        attrs: dict[str, Any] = {"K": k, "N": n, "block_size": size}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         x, out = node.input[0], node.output[0]
         # the LM head: in head_bits, on its own grid of those bits or rounded to nearest
-        grid, width = integer_grid(array, head_bits if head else bits, block_size), head_bits if head else bits
+        grid, width = integer_grid(array, head_bits if head else bits, size), head_bits if head else bits
         if head and head_bits == 8 and bits < 8:
             eight_bit.append(weight.name)
         if grid.exact_blocks < EXACT_SHARE * grid.blocks and width < 8 and not head:
@@ -343,13 +349,15 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, head_bits: int =
             continue
         table_name = node.input[0]
         vocabulary, hidden = values.shape
-        blocks = hidden // block_size
+        size = block_size
+        blocks = hidden // size
         tied = digest(values.T)
         head = next((c for c in heads.get(vocabulary, []) if (replaced or {}).get(c.name.rsplit("_Q", 1)[0] + "_Q")
                      == tied), None)
-        if head is not None:  # tied: share the head's codes
+        if head is not None:  # tied: share the head's codes, in the head's blocks
             attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-            width = attrs["bits"]
+            width, size = attrs["bits"], attrs["block_size"]
+            blocks = hidden // size
             data = head.input[1]
             scale_values = numpy_helper.to_array(arrays[head.input[2]]).reshape(vocabulary, blocks)
             zero_values = (unpack_zero_points(numpy_helper.to_array(arrays[head.input[3]]), width, vocabulary, blocks)
@@ -384,7 +392,7 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, head_bits: int =
             np.array([0] * ranks.get(node.input[1], 2) + [hidden], np.int64), shape))
         nodes += [helper.make_node("GatherBlockQuantized", inputs, [f"{node.output[0]}_blocks"],
                                    name=f"{node.name}_Q{width}", domain="com.microsoft", gather_axis=0,
-                                   quantize_axis=2, block_size=block_size, bits=width),
+                                   quantize_axis=2, block_size=size, bits=width),
                   helper.make_node("Reshape", [f"{node.output[0]}_blocks", shape], [node.output[0]],
                                    name=f"{node.name}_unblock")]
         tables, widths = tables + 1, [*widths, width]

@@ -146,6 +146,42 @@ def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly
     assert torch.equal(greedy_tokens(torch_stage, prompts, 16, "cpu"), greedy_tokens(onnx_stage, prompts, 16, "cpu"))
 
 
+def test_a_covered_head_is_rounded_after_the_blocks_on_what_they_give_and_stored_exactly_in_4_bits(
+        tmp_path, optitool_text_folder):
+    """`exclude = []` lets GPTQ round the tied LM head too: after the blocks, on the inputs the rounded blocks
+    give it (its error below round to nearest's there); its grids, and so the tied embedding's, are stored bit
+    for bit with head_bits = 4, and the graph decodes what the rounded torch model decodes."""
+    import torch
+    from onnx import numpy_helper
+    from optitool_quantize.nbits import dequantize
+
+    from optitool.lm import greedy_tokens
+    from optitool.models.loaders import LOADERS, load_stage
+
+    folder, _ = _tiny(tmp_path, "llama")
+    snippet = (f'[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nenabled = false\n'
+               f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nlabel_field = ""\n'
+               'splits = { calibration = 0.5, eval = 0.5 }\n'
+               '[[passes]]\npass = "gptq"\nblock_size = 16\ncalibration_samples = 8\nexclude = []\n'
+               '[[passes]]\npass = "onnx_export"\n'
+               '[[passes]]\npass = "weight_only_quantize"\nbits = 4\nblock_size = 16\ngrid = "source"\n'
+               'head_bits = 4\nop_types = ["MatMul", "Gather"]\n')
+    result = run_snippet(snippet, tmp_path)
+    rounded, _, stored = result.report["stages"][1:]
+    assert rounded["metrics"]["layer_error_vs_nearest"]["lm_head"] < 1
+    assert rounded["metrics"]["quantized_layers"] == 2 * 7 + 1
+    assert stored["metrics"]["blocks_on_source_grid"] == 1.0 and stored["metrics"]["embedding_bits"] == [4]
+    torch_stage = load_stage((result.run_dir / rounded["artifact"]).parent, LOADERS)
+    head = torch_stage.module.get_output_embeddings().weight.detach().numpy().T
+    graph = onnx.load(result.run_dir / stored["artifact"]).graph
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    node = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    np.testing.assert_allclose(dequantize(node, arrays), head, rtol=0, atol=1e-6 * np.abs(head).max())
+    prompts = torch.randint(0, head.shape[1], (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy_tokens(torch_stage, prompts, 16, "cpu"),
+                       greedy_tokens(result.stages[-1].artifact, prompts, 16, "cpu"))
+
+
 def test_without_a_calibration_split_validate_refuses_before_loading(tmp_path):
     from click.testing import CliRunner
 
@@ -296,6 +332,9 @@ def test_validate_refuses_a_block_size_the_models_widths_cannot_take_before_load
     exported = validate(hf, '[[passes]]\npass = "gptq"\nblock_size = 32\n[[passes]]\npass = "onnx_export"\n'
                             '[[passes]]\npass = "weight_only_quantize"\nblock_size = 64\n')
     assert exported.exit_code == 2 and "passes[2] (pass 'weight_only_quantize')" in exported.output
+    head = validate(hf, '[[passes]]\npass = "onnx_export"\n[[passes]]\npass = "weight_only_quantize"\n'
+                        'block_size = 16\ngrid = "source"\nhead_block_size = 64\n')
+    assert head.exit_code == 2 and "head_block_size = 64 does not divide" in head.output, head.output
     assert validate(hf, '[[passes]]\npass = "gptq"\nblock_size = 32\n').exit_code == 0
     # After a pass that may change widths nothing is assumed: the run decides.
     narrowed = validate(hf, '[[passes]]\npass = "structured_prune"\nsparsity = 0.5\ntarget = "ffn"\n'

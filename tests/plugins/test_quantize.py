@@ -219,16 +219,17 @@ def test_a_tied_head_exported_as_a_transpose_of_the_embedding_is_materialized_an
     assert [n.op_type for n in model.graph.node] == ["Gather", "MatMul"] and np.array_equal(weights["head"], table.T)
 
 
+@pytest.mark.parametrize("head_block", [None, 32])
 @pytest.mark.parametrize("head_bits", [8, 4])
 @pytest.mark.parametrize("layout", ["two tables", "gather from the head's transpose"])
 @pytest.mark.parametrize("on_grid", [True, False])
 def test_a_tied_embedding_shares_the_heads_codes_and_the_graph_computes_with_exactly_those_values(on_grid, layout,
-                                                                                                  head_bits):
+                                                                                                  head_bits, head_block):
     """Gather(table) ... MatMul(h, table^T), the table stored twice (torch.onnx) or once as the head's weight
     with the Gather reading its Transpose (onnxruntime-genai's builder): the head becomes MatMulNBits (8 bits:
     on the table's own Q8_0-like grid, or rounded to nearest when it is on none), the Gather becomes
     GatherBlockQuantized reading the same packed codes, and the graph's output equals a numpy computation with
-    those dequantized values."""
+    those dequantized values. With head_block_size both read the head's own (wider) blocks."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from optitool_quantize.nbits import dequantize
@@ -253,16 +254,19 @@ def test_a_tied_embedding_shares_the_heads_codes_and_the_graph_computes_with_exa
         [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5, vocab])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    found = quantize_matmuls_on_source_grid(model, 4, 16, 0, [], head_bits=head_bits)
+    found = quantize_matmuls_on_source_grid(model, 4, 16, 0, [], head_bits=head_bits, head_block_size=head_block)
     embedded = quantize_embeddings(model, 4, 16, head_bits=head_bits, replaced=found.replaced)
     assert found.nodes == 1 and embedded.tables == 1 and embedded.shared_with_head == 1
+    sizes = {n.op_type: helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size"))
+             for n in model.graph.node if n.op_type != "Reshape"}
+    assert sizes == {"MatMulNBits": head_block or 16, "GatherBlockQuantized": head_block or 16}
     assert embedded.bits == [head_bits]  # a head on an 8-bit grid still goes to 4 bits when asked
     ops = {n.op_type: n for n in model.graph.node}
     assert set(ops) == {"GatherBlockQuantized", "Reshape", "MatMulNBits"}  # the Transpose went with the Gather
     assert ops["GatherBlockQuantized"].input[0] == ops["MatMulNBits"].input[1]  # stored once
     arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     head = dequantize(ops["MatMulNBits"], arrays)  # [hidden, vocab]
-    if on_grid and head_bits == 8:
+    if on_grid and head_bits == 8 and head_block is None:
         np.testing.assert_allclose(head, table.T, rtol=0, atol=1e-6)
     ids = np.array([[1, 5, 9, 63, 0]])
     out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
