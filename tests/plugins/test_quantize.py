@@ -320,3 +320,19 @@ def test_every_block_of_an_integer_grid_stored_in_float32_is_recovered_exactly(b
     rebuilt = (found.scales.reshape(n, -1, 1).astype(np.float64) *
                (found.codes.astype(np.float64) - found.zeros[..., None])).reshape(n, k).T
     np.testing.assert_allclose(rebuilt, weight, rtol=1e-5, atol=1e-7)
+
+
+def test_head_settings_without_the_source_grid_are_refused_by_validate(tmp_path):
+    """head_bits and head_block_size are the source grid's; under onnxruntime's min/max quantizer they would be
+    silently ignored, so validate names them (exit 2) instead."""
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    for setting in ("head_bits = 4", "head_block_size = 64"):
+        (tmp_path / "p.toml").write_text('[model]\nsource = "python"\nfactory = "optitool.testing:tiny_mlp"\n'
+                                         '[model.inputs]\nx = ["batch", 16]\n[[passes]]\npass = "onnx_export"\n'
+                                         f'[[passes]]\npass = "weight_only_quantize"\nblock_size = 16\n{setting}\n')
+        result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
+        assert result.exit_code == 2 and setting.split(" =")[0] in result.output, result.output
+        assert 'grid = "source"' in result.output
