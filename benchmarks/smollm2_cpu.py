@@ -57,6 +57,7 @@ OPTITOOL_RUNS = {
     "gptq-int4": [],
     "gptq-int4-head4": HEAD4,
     "gptq-int4-sym-head4": ["passes.0.symmetric=true", *HEAD4],
+    "gptq-int8": ["passes.0.bits=8", "passes.2.bits=8"],  # GPTQ's 8-bit grids stored exactly, 8-bit head
     "imatrix-int4": ['passes.0.pass="imatrix"', "passes.0.act_order=__drop__"],
     "rtn-int4": ['passes.0.enabled=false', 'passes.2.grid="minmax"', 'passes.2.op_types=["MatMul"]',
                  *DROP_HEAD],
@@ -69,6 +70,7 @@ LOOP, GENAI_RUNTIME = "optitool's loop", "onnxruntime-genai's runtime"
 OPTITOOL_CANDIDATES = [
     ("optitool fp32, genai exporter", "int8", "01-onnx_export", LOOP),
     ("optitool int8 weight-only (min/max)", "int8", "02-weight_only_quantize", LOOP),
+    ("optitool int8 GPTQ, 8-bit tied head/embedding", "gptq-int8", "03-weight_only_quantize", LOOP),
     ("optitool int4, source grid (Q4_1 kept exactly, offset term)", "source-int4", "02-weight_only_quantize", LOOP),
     ("optitool int4, round to nearest (onnxruntime's min/max grid)", "rtn-int4", "02-weight_only_quantize", LOOP),
     ("optitool int4 imatrix, 8-bit tied head/embedding", "imatrix-int4", "03-weight_only_quantize", LOOP),
@@ -506,6 +508,34 @@ def targets(candidates: list[Candidate]) -> list[str]:
                                                                  for text, ok in checks]
 
 
+def front(candidates: list[Candidate]) -> list[str]:
+    """The issue's front target: every other tool's model measured here should have an optitool model at least
+    as small, as accurate and as fast (median decode) beside it; each anchor gets the optitool rows that
+    dominate it, or the axis on which even the closest one loses."""
+    ours = [c for c in candidates if c.name.startswith("optitool") and "fp32" not in c.name]
+    anchors = [c for c in candidates if c.name.startswith(("onnxruntime-genai", "llama.cpp")) and "fp32" not in c.name
+               and "optitool's loop" not in c.name]
+    if not ours or not anchors:
+        return []
+
+    def axes(c: Candidate) -> tuple[float, float, float]:
+        return c.size_mb, c.results["perplexity"], float(np.median(c.decode_ms))
+
+    lines = ["", "The front: for each other tool's model, the optitool models at least as small, as accurate and "
+             "as fast (median decode ms/token, the same loop of rounds) as it:"]
+    for anchor in anchors:
+        size, ppl, decode = axes(anchor)
+        beating = [c.name for c in ours if all(a <= b for a, b in zip(axes(c), (size, ppl, decode), strict=True))]
+        if beating:
+            lines.append(f"- {anchor.name}: met by {'; '.join(beating)}")
+            continue
+        misses = {c.name: [axis for axis, a, b in zip(("size", "perplexity", "decode"), axes(c), (size, ppl, decode),
+                                                      strict=True) if a > b] for c in ours}
+        closest = min(misses, key=lambda n: len(misses[n]))
+        lines.append(f"- {anchor.name}: NOT met; the closest, {closest}, loses on {', '.join(misses[closest])}")
+    return lines
+
+
 def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str], rounds: int, wall: float) -> None:
     base = candidates[0]
     header = ["candidate", "size MB", "perplexity", "vs torch fp32", "greedy agreement", "TTFT ms", "decode ms/token",
@@ -535,6 +565,7 @@ def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str],
              f"{wall / 60:.1f} min.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += targets(candidates)
+    lines += front(candidates)
     lines += ["", "Time to make each model on this machine (the optitool rows: the whole `optitool run` with "
               "`--no-benchmark`, model loading and evaluation included; the rounding itself in brackets):"]
     for label, spent in seconds.items():

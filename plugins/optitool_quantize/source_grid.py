@@ -217,6 +217,12 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
         head = node.output[0] in outputs or digest(array) in tied  # gives logits, or is the table
         size = (head_block_size or block_size) if head else block_size
         if weight.dims[0] % size:
+            if head and head_block_size:  # never leave the largest matrix in float unasked
+                from optitool import PassError
+
+                fits = [b for b in (16, 32, 64, 128, 256) if weight.dims[0] % b == 0]
+                raise PassError(f"head_block_size = {size} does not divide the LM head's input width "
+                                f"{weight.dims[0]}; choose one that does: {fits}")
             nodes.append(node)
             continue
         replaced[f"{node.name}_Q"] = digest(array)

@@ -28,8 +28,8 @@ class WeightOnlyConfig(PassConfig):
                                      "per token")
     head_block_size: BlockSize | None = Field(
         None, description="grid = source: input channels sharing one scale in the LM head (and a tied embedding); "
-        "default block_size. An 8-bit head loses next to nothing in blocks of 128 and its scales shrink 4x "
-        "(SmolLM2: 3.5 MB less)")
+        "default block_size. In wider blocks an 8-bit head keeps fewer scales and zero points (SmolLM2's, "
+        "blocks of 64 instead of 32: 2.2 MB less); its input width must be whole blocks")
     grid: Literal["minmax", "source"] = Field(
         "minmax", description="minmax: onnxruntime's quantizer (block min/max, integer zero point); source: "
         "store exactly the grid each block already sits on (weights a gptq or imatrix pass rounded, GGUF "

@@ -336,3 +336,20 @@ def test_head_settings_without_the_source_grid_are_refused_by_validate(tmp_path)
         result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
         assert result.exit_code == 2 and setting.split(" =")[0] in result.output, result.output
         assert 'grid = "source"' in result.output
+
+
+def test_a_head_block_size_the_head_cannot_take_fails_the_pass_instead_of_leaving_the_head_in_float():
+    from onnx import TensorProto, helper, numpy_helper
+    from optitool_quantize.source_grid import quantize_matmuls_on_source_grid
+
+    import optitool
+
+    head = np.random.default_rng(0).standard_normal((48, 64)).astype(np.float32)  # input width 48: blocks of 16
+    graph = helper.make_graph([helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head")], "g",
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 48])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(head, "head")])
+    model = helper.make_model(graph)
+    with pytest.raises(optitool.PassError, match=r"head_block_size = 32 does not divide the LM head's input width 48; "
+                                                 r"choose one that does: \[16\]"):
+        quantize_matmuls_on_source_grid(model, 4, 16, 0, [], head_bits=8, head_block_size=32)
