@@ -23,9 +23,9 @@ class WeightOnlyConfig(PassConfig):
     op_types: list[Literal["MatMul", "Gather"]] = Field(
         default_factory=lambda: ["MatMul"], description="MatMul weights; Gather adds the embedding table")
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names left in float")
-    head_bits: Literal[4, 8] = Field(8, description="grid = source: bits of the LM head (and of a tied "
-                                     "embedding): small models lose most there, and it is the largest matrix read "
-                                     "per token")
+    head_bits: Literal[4, 8] | None = Field(None, description="grid = source: bits of the LM head (and of a tied "
+                                            "embedding), 8 unless set: small models lose most there, and it is the "
+                                            "largest matrix read per token")
     head_block_size: BlockSize | None = Field(
         None, description="grid = source: input channels sharing one scale in the LM head (and a tied embedding); "
         "default block_size. In wider blocks an 8-bit head keeps fewer scales and zero points (SmolLM2's, "
@@ -37,7 +37,7 @@ class WeightOnlyConfig(PassConfig):
 
     @model_validator(mode="after")
     def _source_only(self) -> WeightOnlyConfig:
-        given = sorted({"head_bits", "head_block_size"} & self.model_fields_set)
+        given = [name for name in ("head_bits", "head_block_size") if getattr(self, name) is not None]
         if given and self.grid != "source":
             raise ValueError(f"{' and '.join(given)} take effect with grid = \"source\" only (onnxruntime's min/max "
                              "quantizer rounds the head like every other weight); set grid = \"source\" or remove "
@@ -83,11 +83,11 @@ class WeightOnlyQuantize(Pass):
         extra: dict[str, Any] = {}
         if cfg.grid == "source":
             found = quantize_matmuls_on_source_grid(graph_model, cfg.bits, cfg.block_size, cfg.accuracy_level,
-                                                    cfg.exclude_nodes, cfg.head_bits, cfg.head_block_size)
+                                                    cfg.exclude_nodes, cfg.head_bits or 8, cfg.head_block_size)
             extra.update(blocks_on_source_grid=round(found.exact_blocks / max(found.blocks, 1), 4),
                          weights_in_8_bits=found.eight_bit, weights_with_offsets=len(found.with_offsets))
             if "Gather" in cfg.op_types:
-                tables = quantize_embeddings(graph_model, cfg.bits, cfg.block_size, cfg.head_bits, found.replaced)
+                tables = quantize_embeddings(graph_model, cfg.bits, cfg.block_size, cfg.head_bits or 8, found.replaced)
                 extra.update(embeddings_quantized=tables.tables, embeddings_shared_with_head=tables.shared_with_head,
                              embedding_bits=tables.bits)
             if found.with_offsets:
