@@ -47,32 +47,32 @@ class LlamaCpp:
 
     def make_models(self, hf_folder: Path, calibration_text: str, work: Path, reuse: bool,
                     seconds: dict[str, float]) -> dict[str, Path]:
-        """GGUF files for each recipe from a float Hugging Face folder; the time each took goes in `seconds`."""
+        """GGUF files for each recipe from a float Hugging Face folder; the time each took goes in `seconds`
+        (each step's time is kept beside what it made, so a reused file still reports it)."""
         work.mkdir(parents=True, exist_ok=True)
-        f32 = work / "f32.gguf"
-        started = time.time()
-        if not (reuse and f32.is_file()):
-            self.run(sys.executable, self.root / "convert_hf_to_gguf.py", hf_folder, "--outfile", f32,
-                     "--outtype", "f32")
-        converted = time.time() - started
-        imatrix = work / "imatrix.gguf"
-        started = time.time()
-        if not (reuse and imatrix.is_file()):
-            (work / "calibration.txt").write_text(calibration_text)
-            self.run(self.bin / "llama-imatrix", "-m", f32, "-f", work / "calibration.txt", "-o", imatrix,
-                     "-c", str(CALIBRATION_BLOCK), "--chunks", str(CALIBRATION_BLOCKS), "-t", "2")
-        measured = time.time() - started
+        f32, imatrix = work / "f32.gguf", work / "imatrix.gguf"
+        convert = self._step(f32, reuse, sys.executable, self.root / "convert_hf_to_gguf.py", hf_folder, "--outfile",
+                             f32, "--outtype", "f32")
+        (work / "calibration.txt").write_text(calibration_text)
+        measure = self._step(imatrix, reuse, self.bin / "llama-imatrix", "-m", f32, "-f", work / "calibration.txt",
+                             "-o", imatrix, "-c", str(CALIBRATION_BLOCK), "--chunks", str(CALIBRATION_BLOCKS), "-t", "2")
         made = {}
         for label, kind, with_imatrix in RECIPES:
             out = work / f"{kind}{'-imatrix' if with_imatrix else ''}.gguf"
-            started = time.time()
-            if not (reuse and out.is_file()):
-                self.run(self.bin / "llama-quantize", *(["--imatrix", imatrix] if with_imatrix else []), f32, out,
-                         kind, "2")
-            seconds[f"llama.cpp {label}"] = round(converted + (measured if with_imatrix else 0)
-                                                  + time.time() - started, 1)
+            quantize = self._step(out, reuse, self.bin / "llama-quantize",
+                                  *(["--imatrix", imatrix] if with_imatrix else []), f32, out, kind, "2")
+            seconds[f"llama.cpp {label}"] = round(convert + (measure if with_imatrix else 0) + quantize, 1)
             made[label] = out
         return made
+
+    def _step(self, made: Path, reuse: bool, *command: str | Path) -> float:
+        """Run one tool that writes `made` (unless reused); its wall time, also when reused."""
+        record = made.with_name(made.name + ".seconds")
+        if not (reuse and made.is_file() and record.is_file()):
+            started = time.time()
+            self.run(*command)
+            record.write_text(f"{time.time() - started:.1f}\n")
+        return float(record.read_text())
 
 
 def llama_runner(path: Path, threads: int, context: int,
@@ -86,16 +86,22 @@ def llama_runner(path: Path, threads: int, context: int,
                      n_threads_batch=threads, logits_all=all_logits, verbose=False)
 
     generator, scorer = open_model(False), open_model(True)
+    vocabulary = generator.n_vocab()
+
+    def next_token() -> int:
+        """Greedy pick from the last evaluated position's logits, read in place (without logits_all the binding
+        keeps no copy of them)."""
+        return int(np.argmax(np.ctypeslib.as_array(generator._ctx.get_logits(), shape=(vocabulary,))))
 
     def generate(ids: np.ndarray, n: int) -> tuple[np.ndarray, float, float]:
         generator.reset()
         start = time.perf_counter()
         generator.eval(ids[0].tolist())  # the prefill
-        token = int(np.argmax(generator.scores[generator.n_tokens - 1]))
+        token = next_token()
         tokens, first = [token], time.perf_counter()
         for _ in range(n - 1):
             generator.eval([token])
-            token = int(np.argmax(generator.scores[generator.n_tokens - 1]))
+            token = next_token()
             tokens.append(token)
         return np.array([tokens]), first - start, time.perf_counter() - first
 

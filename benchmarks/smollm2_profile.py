@@ -24,10 +24,9 @@ from benchmarks.common import HERE, WORK, machine_line
 
 THREADS, PROMPT, NEW_TOKENS = 2, 128, 64
 GRAPHS = [  # (label, graph under the fine-tuned checkpoint's work folder)
-    ("optitool int4 GPTQ, 8-bit tied head (the example)", "gptq-int4/03-weight_only_quantize/model.onnx"),
-    ("optitool int4 GPTQ, GPTQ-rounded 4-bit head", "gptq-int4-head4/03-weight_only_quantize/model.onnx"),
-    ("optitool int4 GPTQ symmetric, GPTQ-rounded 4-bit head",
-     "gptq-int4-sym-head4/03-weight_only_quantize/model.onnx"),
+    ("optitool int4 GPTQ, 4-bit tied head (the example)", "gptq-int4/03-weight_only_quantize/model.onnx"),
+    ("optitool int4 GPTQ symmetric, 4-bit tied head", "gptq-int4-sym/03-weight_only_quantize/model.onnx"),
+    ("optitool int4 GPTQ, 8-bit tied head", "gptq-int4-head8/03-weight_only_quantize/model.onnx"),
     ("optitool int8 weight-only (min/max)", "int8/02-weight_only_quantize/model.onnx"),
     ("onnxruntime-genai int4 graph", "ortgenai-int4/model.onnx"),
 ]
