@@ -77,17 +77,7 @@ class HfLoader(Loader):
     def weight_widths(self, spec: ModelSpec, base_dir: Path) -> dict[str, int] | None:
         if not spec.path:
             return None
-        config = hf_config(resolve_path(spec.path, base_dir, where="[model].path"))
-        hidden = _first_int(config, "hidden_size", "n_embd", "d_model", "dim")
-        if hidden is None:
-            return None
-        heads = _first_int(config, "num_attention_heads", "n_head")
-        head_dim = _first_int(config, "head_dim")
-        mlp = _first_int(config, "intermediate_size", "n_inner", "ffn_dim", "hidden_dim")
-        if mlp is None and config.get("model_type") == "gpt2":
-            mlp = 4 * hidden  # GPT-2's n_inner = null means four times the width
-        widths = {"hidden": hidden, "attention": heads * head_dim if heads and head_dim else hidden}
-        return widths | ({"mlp": mlp} if mlp else {})
+        return config_widths(hf_config(resolve_path(spec.path, base_dir, where="[model].path")))
 
     def generates(self, spec: ModelSpec, base_dir: Path) -> bool:
         """Whether this will load as a causal LM (benchmarked in generation), read from the folder's config."""
@@ -344,8 +334,31 @@ class StageLoader(Loader):
             raise ConfigError(f"{where}: [model].path = {spec.path!r} is not a stage folder of an optitool run "
                               "(it has neither model.json nor model.onnx)")
 
+    def weight_widths(self, spec: ModelSpec, base_dir: Path) -> dict[str, int] | None:
+        """A torch stage's widths as saved: its recorded config sizes, which structural passes keep current."""
+        folder = resolve_path(spec.path, base_dir, where="[model].path")
+        try:
+            structure = _stage_meta(folder).get("structure") or {}
+        except ConfigError:
+            return None
+        return config_widths(structure.get("config") or {})
+
     def load(self, spec: ModelSpec, base_dir: Path) -> ModelArtifact:
         return load_stage(resolve_path(spec.path, base_dir, where="[model].path"), self._loaders or LOADERS)
+
+
+def config_widths(config: dict[str, Any]) -> dict[str, int] | None:
+    """Input widths by role from a Hugging Face config's fields (None when it names no hidden width)."""
+    hidden = _first_int(config, "hidden_size", "n_embd", "d_model", "dim")
+    if hidden is None:
+        return None
+    heads = _first_int(config, "num_attention_heads", "n_head")
+    head_dim = _first_int(config, "head_dim")
+    mlp = _first_int(config, "intermediate_size", "n_inner", "ffn_dim", "hidden_dim")
+    if mlp is None and config.get("model_type") == "gpt2":
+        mlp = 4 * hidden  # GPT-2's n_inner = null means four times the width
+    widths = {"hidden": hidden, "attention": heads * head_dim if heads and head_dim else hidden}
+    return widths | ({"mlp": mlp} if mlp else {})
 
 
 def _first_int(config: dict[str, Any], *keys: str) -> int | None:

