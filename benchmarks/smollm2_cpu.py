@@ -146,7 +146,10 @@ def folder_mb(paths: list[Path]) -> float:
 
 
 def onnx_files(model: Path) -> list[Path]:
-    return [model, *model.parent.glob(model.name + ".data"), *model.parent.glob("*.onnx.data")]
+    """The graph and its external data files (each once)."""
+    from optitool.models.onnx_files import external_files
+
+    return [model, *external_files(model)]
 
 
 # ---------------------------------------------------------------------------------------------- the models
