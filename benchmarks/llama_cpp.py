@@ -2,7 +2,10 @@
 
 llama.cpp is not a dependency of optitool and has no wheel on PyPI: build it once from source (a checkout with
 its libraries and tools in build/bin: `cmake -B build -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF
-&& cmake --build build --target llama llama-quantize llama-imatrix`, about 10 min on 2 cores) and install the
+&& cmake --build build --target llama llama-quantize llama-imatrix`, about 10 min on 2 cores; on an Intel CPU
+with AMX add `-DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"` and the same CMAKE_CXX_FLAGS: on
+this project's Intel Xeon VM the AMX matrix kernel of the vendored llama.cpp crashes (SIGSEGV in
+ggml_backend_amx_mul_mat) on the first batch of the Q4_1 file) and install the
 Python binding without building it again (`CMAKE_ARGS="-DLLAMA_BUILD=OFF" pip install --no-deps
 llama-cpp-python`); the binding then loads the libraries from build/bin. A float checkpoint is converted with
 the checkout's convert_hf_to_gguf.py, its importance matrix computed by llama-imatrix on the same calibration

@@ -324,12 +324,26 @@ def genai_candidate(name: str, folder: Path) -> Candidate:
                      probe)
 
 
+def llama_probe(path: Path) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.smollm2_cpu", "--probe", "llama", str(path)]
+
+
 def llama_candidate(name: str, path: Path) -> Candidate:
     from benchmarks.llama_cpp import llama_runner
 
     generate, logits = llama_runner(path, THREADS, max(PROMPT + NEW_TOKENS, PPL_TOKENS) + 8)
-    probe = [sys.executable, "-m", "benchmarks.smollm2_cpu", "--probe", "llama", str(path)]
-    return Candidate(name, generate, logits, path.stat().st_size / 1e6, probe)
+    return Candidate(name, generate, logits, path.stat().st_size / 1e6, llama_probe(path))
+
+
+def fails_apart(command: list[str]) -> str | None:
+    """Why one generation in a fresh process failed, or None. A native runtime that crashes (llama.cpp's AMX
+    kernel did, on the Q4_1 file) cannot be caught in this process and would take every measurement with it."""
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode == 0:
+        return None
+    how = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
+    last = (done.stderr.strip().splitlines() or [""])[-1][:200]
+    return f"one generation in a fresh process failed ({how}) {last}".strip()
 
 
 # ---------------------------------------------------------------------------------------------- measures
@@ -477,7 +491,12 @@ def main() -> None:
             made = llama.make_models(hf_folder(model, tokenizer), calibration_text(), BASE.work / "llama.cpp",
                                      args.reuse, seconds)
         for label, path in made.items():
-            candidates.append(llama_candidate(f"llama.cpp {label} (its tools and runtime)", path))
+            name = f"llama.cpp {label} (its tools and runtime)"
+            failure = fails_apart(llama_probe(path))
+            if failure:
+                skipped.append(f"{name}: {failure}")
+            else:
+                candidates.append(llama_candidate(name, path))
     if importlib.util.find_spec("optimum") is None:
         skipped.append("Optimum ORTModelForCausalLM: not installed here (optimum-onnx pins transformers<4.58; "
                        f"this environment has transformers {__import__('transformers').__version__})")
