@@ -5,7 +5,7 @@ its libraries and tools in build/bin: `cmake -B build -DGGML_NATIVE=ON -DBUILD_S
 && cmake --build build --target llama llama-quantize llama-imatrix`, about 10 min on 2 cores; on an Intel CPU
 with AMX add `-DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"` and the same CMAKE_CXX_FLAGS: on
 this project's Intel Xeon VM the AMX matrix kernel of the vendored llama.cpp crashes (SIGSEGV in
-ggml_backend_amx_mul_mat) on the first batch of the Q4_1 file) and install the
+ggml_backend_amx_mul_mat) on the first batch of every file tried: Q4_1, Q4_0, Q4_K_M) and install the
 Python binding without building it again (`CMAKE_ARGS="-DLLAMA_BUILD=OFF" pip install --no-deps
 llama-cpp-python`); the binding then loads the libraries from build/bin. A float checkpoint is converted with
 the checkout's convert_hf_to_gguf.py, its importance matrix computed by llama-imatrix on the same calibration
