@@ -179,14 +179,14 @@ def run_timed(args: list[str], out: Path, **kwargs: Any) -> None:
 
     import psutil
 
-    from optitool.bench.load import _busy_and_steal
+    from optitool.bench.load import busy_and_steal
 
     system, children, started = psutil.cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
     subprocess.run(args, **kwargs)
     wall = max(time.time() - started, 1e-9)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     made = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
-    others = max(0.0, _busy_and_steal(psutil.cpu_times())[0] - _busy_and_steal(system)[0] - made) / wall
+    others = max(0.0, busy_and_steal(psutil.cpu_times())[0] - busy_and_steal(system)[0] - made) / wall
     out.mkdir(parents=True, exist_ok=True)
     (out / MADE_IN).write_text(f"{wall:.1f}\n{others:.2f}\n")
 
@@ -337,7 +337,7 @@ def llama_candidate(name: str, path: Path) -> Candidate:
 
 def fails_apart(command: list[str]) -> str | None:
     """Why one generation in a fresh process failed, or None. A native runtime that crashes (llama.cpp's AMX
-    kernel did, on the Q4_1 file) cannot be caught in this process and would take every measurement with it."""
+    kernel did here, on every file) cannot be caught in this process and would take every measurement with it."""
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode == 0:
         return None

@@ -51,7 +51,7 @@ def classify(reading: LoadReading) -> LoadReading:
     return reading
 
 
-def _busy_and_steal(times: Any) -> tuple[float, float]:
+def busy_and_steal(times: Any) -> tuple[float, float]:
     """Busy CPU seconds (all cores, every state but idle, iowait and steal) and stolen seconds."""
     total = sum(times)
     idle = times.idle + getattr(times, "iowait", 0.0)
@@ -80,8 +80,8 @@ class LoadMonitor:
         wall = max(time.perf_counter() - self._start, 1e-9)
         own = sum(self._process.cpu_times()[:2]) - self._own
         system = psutil.cpu_times()
-        busy_now, steal_now = _busy_and_steal(system)
-        busy_then, steal_then = _busy_and_steal(self._system)
+        busy_now, steal_now = busy_and_steal(system)
+        busy_then, steal_then = busy_and_steal(self._system)
         cores = psutil.cpu_count() or 1
         has_steal = hasattr(system, "steal")
         try:

@@ -82,12 +82,13 @@ class WeightOnlyQuantize(Pass):
         untied = transposed_weights_as_initializers(graph_model)
         extra: dict[str, Any] = {}
         if cfg.grid == "source":
+            head_bits = cfg.head_bits or 8
             found = quantize_matmuls_on_source_grid(graph_model, cfg.bits, cfg.block_size, cfg.accuracy_level,
-                                                    cfg.exclude_nodes, cfg.head_bits or 8, cfg.head_block_size)
+                                                    cfg.exclude_nodes, head_bits, cfg.head_block_size)
             extra.update(blocks_on_source_grid=round(found.exact_blocks / max(found.blocks, 1), 4),
                          weights_in_8_bits=found.eight_bit, weights_with_offsets=len(found.with_offsets))
             if "Gather" in cfg.op_types:
-                tables = quantize_embeddings(graph_model, cfg.bits, cfg.block_size, cfg.head_bits or 8, found.replaced)
+                tables = quantize_embeddings(graph_model, cfg.bits, cfg.block_size, head_bits, found.replaced)
                 extra.update(embeddings_quantized=tables.tables, embeddings_shared_with_head=tables.shared_with_head,
                              embedding_bits=tables.bits)
             if found.with_offsets:
