@@ -89,7 +89,9 @@ def _export_snippet(folder, text_folder, exporter: str) -> str:
         "max_length = 16", "max_length = 64").replace("splits = { eval = 0.5 }", "splits = { eval = 0.9 }")
 
 
-def _check_decoder_stage(result) -> None:
+def _check_decoder_stage(result, *, in_place: bool) -> None:
+    from optitool import open_decoder
+
     base, exported = (s["metrics"] for s in result.report["stages"])
     assert exported["kv_cache"] and exported["export_greedy_steps_identical"] == 32
     assert exported["generation_tokens"] == 32 and exported["generation_prompts"] >= 2
@@ -100,6 +102,7 @@ def _check_decoder_stage(result) -> None:
     graph = onnx.load(str(result.run_dir / "01-onnx_export" / "model.onnx"), load_external_data=False)
     assert "past_key_values.0.key" in [i.name for i in graph.graph.input]
     assert "present.0.key" in [o.name for o in graph.graph.output]
+    assert open_decoder(result.run_dir / "01-onnx_export" / "model.onnx").layout.in_place is in_place
 
 
 def test_the_exported_decoder_generates_the_same_greedy_tokens_as_torch_for_32_steps_with_its_kv_cache(
@@ -107,7 +110,7 @@ def test_the_exported_decoder_generates_the_same_greedy_tokens_as_torch_for_32_s
     """The graph carries past key/values (one graph for prefill and decode); onnx_export checks 32 greedy
     steps against torch's cached decoding, and the stage's generation agreement says the same."""
     _check_decoder_stage(run_snippet(_export_snippet(optitool_tiny_causal_lm, optitool_text_folder, "dynamo"),
-                                     tmp_path))
+                                     tmp_path), in_place=False)
 
 
 def test_onnxruntime_genai_builder_as_exporter(tmp_path, optitool_text_folder):
@@ -119,7 +122,8 @@ def test_onnxruntime_genai_builder_as_exporter(tmp_path, optitool_text_folder):
     from optitool.testing import tiny_causal_lm_dir
 
     folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=100, hidden=64, vocab_size=96)
-    _check_decoder_stage(run_snippet(_export_snippet(folder, optitool_text_folder, "genai"), tmp_path / "a"))
+    _check_decoder_stage(run_snippet(_export_snippet(folder, optitool_text_folder, "genai"), tmp_path / "a"),
+                         in_place=True)
     narrow = tiny_causal_lm_dir(tmp_path / "narrow", family="llama", train_steps=1)
     with pytest.raises(RunError, match="needs a head size that is a multiple of 16; this model's is 8"):
         run_snippet(_export_snippet(narrow, optitool_text_folder, "genai"), tmp_path / "b")
@@ -153,6 +157,33 @@ def test_a_quantized_genai_export_still_runs_in_onnxruntime_genai(tmp_path, opti
         generator.generate_next_token()
         theirs.append(int(generator.get_next_tokens()[0]))
     assert theirs == ours[0].tolist()
+
+
+def test_a_graph_whose_attention_appends_in_place_decodes_in_one_buffer_the_tokens_the_copying_loop_does(
+        tmp_path, optitool_text_folder):
+    """GroupQueryAttention given one buffer as past and present writes each step into it (no copy of the
+    cache per step); the tokens are those of the loop that takes a new present every step, well past the
+    prompt, and the buffer is as long as the whole generation."""
+    pytest.importorskip("onnxruntime_genai")
+    import dataclasses
+
+    import numpy as np
+
+    from optitool import open_decoder
+    from optitool.testing import tiny_causal_lm_dir
+
+    folder = tiny_causal_lm_dir(tmp_path / "lm", family="llama", train_steps=100, hidden=64, vocab_size=96)
+    result = run_snippet(_export_snippet(folder, optitool_text_folder, "genai"), tmp_path / "run")
+    decoder = open_decoder(result.run_dir / "01-onnx_export" / "model.onnx")
+    assert decoder.layout.in_place
+    prompt = np.array([[5, 17, 33, 8, 41, 2, 19, 60], [7, 7, 12, 90, 3, 55, 21, 1]], np.int64)
+    in_place, _, _ = decoder.greedy(prompt, 40)
+    decoder.layout = dataclasses.replace(decoder.layout, in_place=False)
+    copied, _, _ = decoder.greedy(prompt, 40)
+    assert in_place.shape == (2, 40) and (in_place == copied).all()
+    buffer = decoder.layout.empty_past(2, 48)["past_key_values.0.key"]
+    assert buffer.shape[2] == 0 and dataclasses.replace(decoder.layout, in_place=True).empty_past(2, 48)[
+        "past_key_values.0.key"].shape[2] == 48
 
 
 def test_a_decode_step_that_differs_from_torch_fails_the_export(tmp_path, optitool_text_folder, monkeypatch):
