@@ -8,13 +8,15 @@ the most KL per parameter get 8 bits, as many as the target average allows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
 def layer_sensitivity(module: Any, layers: dict[str, Any], batches: list[dict[str, Any]], *, bits: int,
-                      block_size: int, symmetric: bool, transposed: set[str], device: str = "cpu") -> dict[str, float]:
+                      block_size: int, symmetric: bool, transposed: set[str], device: str = "cpu",
+                      done: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Per layer, the mean KL(float model || model with only this layer rounded to nearest in `bits`) over the
-    calibration batches' positions."""
+    calibration batches' positions; `done` is called after each layer (one forward pass per batch each)."""
     import torch
 
     from optitool import call_module, inputs_for, main_output
@@ -46,6 +48,7 @@ def layer_sensitivity(module: Any, layers: dict[str, Any], batches: list[dict[st
             found[name] = total / max(count, 1)
         finally:
             layer.weight.data.copy_(original)
+        done()
     return found
 
 

@@ -186,7 +186,7 @@ def embedding_tables(graph: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accuracy_level: int,
-                                    exclude: list[str], head_bits: int = 8,
+                                    exclude: list[str], head_bits: int | None = None,
                                     head_block_size: int | None = None) -> SourceGridResult:
     """Replace every MatMul whose weight is a 2-D initializer (K divisible by the block) with MatMulNBits on
     the grid its weight sits on, in place: an integer-zero-point grid where there is one (at `bits`, or at 8
@@ -195,7 +195,8 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
     logits, or whose weight is an embedding table's transpose: the layer small models are most sensitive in,
     and the largest read per token) goes in
     `head_bits`, on its own grid of those bits where it has one (GGUF's Q8_0), else rounded to nearest, in
-    blocks of `head_block_size` (default `block_size`)."""
+    blocks of `head_block_size` (default `block_size`); with `head_bits` None, in the bits of the grid it sits
+    on (`bits` or 8), else rounded to nearest in 8."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -232,9 +233,13 @@ def quantize_matmuls_on_source_grid(model: Any, bits: int, block_size: int, accu
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         x, out = node.input[0], node.output[0]
-        # the LM head: in head_bits, on its own grid of those bits or rounded to nearest
-        grid, width = integer_grid(array, head_bits if head else bits, size), head_bits if head else bits
-        if head and head_bits == 8 and bits < 8:
+        # the LM head: in head_bits, on its own grid of those bits or rounded to nearest; unset, on the grid it
+        # sits on (`bits`, else 8: what a data-aware pass's mixed plan gave it), else rounded to nearest in 8
+        width = (head_bits or bits) if head else bits
+        grid = integer_grid(array, width, size)
+        if head and head_bits is None and width < 8 and grid.exact_blocks < EXACT_SHARE * grid.blocks:
+            grid, width = integer_grid(array, 8, size), 8
+        if head and width == 8 and bits < 8:
             eight_bit.append(weight.name)
         if grid.exact_blocks < EXACT_SHARE * grid.blocks and width < 8 and not head:
             wider = integer_grid(array, 8, block_size)

@@ -23,9 +23,10 @@ class WeightOnlyConfig(PassConfig):
     op_types: list[Literal["MatMul", "Gather"]] = Field(
         default_factory=lambda: ["MatMul"], description="MatMul weights; Gather adds the embedding table")
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names left in float")
-    head_bits: Literal[4, 8] | None = Field(None, description="grid = source: bits of the LM head (and of a tied "
-                                            "embedding), 8 unless set: small models lose most there, and it is the "
-                                            "largest matrix read per token")
+    head_bits: Literal[4, 8] | None = Field(
+        None, description="grid = source: bits of the LM head (and of a tied embedding); unset, those of the grid "
+        "it sits on (a gptq/imatrix pass's 4 or 8 bits, its mixed plan's, GGUF's Q8_0), else 8 rounded to nearest: "
+        "small models lose most there, and it is the largest matrix read per token")
     head_block_size: BlockSize | None = Field(
         None, description="grid = source: input channels sharing one scale in the LM head (and a tied embedding); "
         "default block_size. In wider blocks an 8-bit head keeps fewer scales and zero points (SmolLM2's, "
@@ -82,13 +83,14 @@ class WeightOnlyQuantize(Pass):
         untied = transposed_weights_as_initializers(graph_model)
         extra: dict[str, Any] = {}
         if cfg.grid == "source":
-            head_bits = cfg.head_bits or 8
             found = quantize_matmuls_on_source_grid(graph_model, cfg.bits, cfg.block_size, cfg.accuracy_level,
-                                                    cfg.exclude_nodes, head_bits, cfg.head_block_size)
+                                                    cfg.exclude_nodes, cfg.head_bits, cfg.head_block_size)
             extra.update(blocks_on_source_grid=round(found.exact_blocks / max(found.blocks, 1), 4),
                          weights_in_8_bits=found.eight_bit, weights_with_offsets=len(found.with_offsets))
             if "Gather" in cfg.op_types:
-                tables = quantize_embeddings(graph_model, cfg.bits, cfg.block_size, head_bits, found.replaced)
+                # a table tied to the head shares its codes; another one on no grid is rounded in head_bits, or 8
+                tables = quantize_embeddings(graph_model, cfg.bits, cfg.block_size, cfg.head_bits or 8,
+                                             found.replaced)
                 extra.update(embeddings_quantized=tables.tables, embeddings_shared_with_head=tables.shared_with_head,
                              embedding_bits=tables.bits)
             if found.with_offsets:

@@ -286,6 +286,53 @@ def test_mixed_precision_meets_its_size_target_exactly_in_the_deployed_graph(tmp
     assert stored["weights_with_offsets"] == 0
 
 
+@pytest.mark.parametrize(("bits_per_weight", "head_bits"), [(4.0, 4), (8.0, 8)])
+def test_a_covered_head_is_stored_in_the_bits_its_mixed_plan_gave_it(tmp_path, optitool_text_folder,
+                                                                      bits_per_weight, head_bits):
+    """With the head in the plan (`exclude = []`) and head_bits unset, weight_only_quantize stores the head, and
+    the tied embedding with it, on the grid the plan left it on, 4 or 8 bits, bit for bit."""
+    from onnx import helper, numpy_helper
+    from optitool_quantize.nbits import dequantize
+
+    from optitool.models.loaders import LOADERS, load_stage
+
+    folder, _ = _tiny(tmp_path, "llama")
+    snippet = (f'[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nenabled = false\n'
+               f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nlabel_field = ""\n'
+               'splits = { calibration = 0.5, eval = 0.5 }\n'
+               '[[passes]]\npass = "gptq"\nblock_size = 16\ncalibration_samples = 8\nexclude = []\n'
+               f'bits_per_weight = {bits_per_weight}\nsensitivity_samples = 2\n'
+               '[[passes]]\npass = "onnx_export"\n'
+               '[[passes]]\npass = "weight_only_quantize"\nbits = 4\nblock_size = 16\ngrid = "source"\n'
+               'op_types = ["MatMul", "Gather"]\n')
+    result = run_snippet(snippet, tmp_path)
+    rounded, _, stored = result.report["stages"][1:]
+    assert ("lm_head" in rounded["metrics"]["layers_in_8_bits"]) is (head_bits == 8)
+    assert rounded["metrics"]["sensitivity_blocks"] == 2
+    assert stored["metrics"]["embedding_bits"] == [head_bits] and stored["metrics"]["blocks_on_source_grid"] == 1.0
+    head = load_stage((result.run_dir / rounded["artifact"]).parent, LOADERS).module.get_output_embeddings()
+    head = head.weight.detach().numpy().T
+    graph = onnx.load(result.run_dir / stored["artifact"]).graph
+    node = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "bits")) == head_bits
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    np.testing.assert_allclose(dequantize(node, arrays), head, rtol=0, atol=1e-6 * np.abs(head).max())
+
+
+def test_sensitivity_samples_beyond_the_calibration_blocks_or_without_a_mix_are_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from optitool.cli import cli
+
+    for setting, message in (("bits_per_weight = 5.0\ncalibration_samples = 4\nsensitivity_samples = 8",
+                              "sensitivity_samples = 8 is more than the calibration_samples = 4"),
+                             ("sensitivity_samples = 2", "sensitivity_samples has no effect without bits_per_weight")):
+        (tmp_path / "p.toml").write_text('[model]\nsource = "python"\nfactory = "optitool.testing:tiny_mlp"\n'
+                                         f'[model.inputs]\nx = ["batch", 16]\n[[passes]]\npass = "gptq"\n{setting}\n')
+        result = CliRunner().invoke(cli, ["validate", str(tmp_path / "p.toml")])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 @pytest.mark.parametrize(("setting", "message"), [("bits_per_weight = 3.5", "bits_per_weight"),
                                                   ("bits = 8\nbits_per_weight = 5.0", "bits_per_weight has no effect")])
 def test_a_size_target_no_mix_can_meet_is_refused_by_validate(tmp_path, setting, message):
