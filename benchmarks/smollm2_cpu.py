@@ -6,9 +6,11 @@ Candidates, all measured in this one process, generation calls interleaved (the 
   KV cache (onnxruntime-genai's builder as exporter), int8 weight-only (min/max, and GPTQ's 8-bit grids), int4
   on the GGUF file's own Q4_1 grid (exact, with the offset term), int4 round to nearest (onnxruntime's min/max
   grid), and the data-aware rows: imatrix, GPTQ with the tied head and embedding in 8 bits (rounded to
-  nearest) or, the example, rounded by GPTQ in 4 bits, and GPTQ on symmetric grids; all in optitool's own
-  decoding loop (onnxruntime, the cache kept in onnxruntime between steps), the example also in
-  onnxruntime-genai's runtime (its folder keeps the builder's genai_config.json);
+  nearest) or, the example, rounded by GPTQ in 4 bits, GPTQ on symmetric grids, and GPTQ's mixed 4/8-bit plan
+  (the layers whose rounding costs the most KL on calibration blocks kept in 8 bits); all in optitool's own
+  decoding loop (onnxruntime, the cache kept in onnxruntime between steps, appended in place by
+  GroupQueryAttention), the example also in onnxruntime-genai's runtime (its folder keeps the builder's
+  genai_config.json);
 - onnxruntime-genai's model builder and runtime (fp32, int8, int4 with its default RTN, and int4 k_quant_mixed:
   k-quants with an int8 head and llama.cpp's mixed layers), where onnxruntime-genai is installed, and its int4
   graphs in optitool's loop too (runtime and graph told apart);
@@ -61,10 +63,15 @@ PPL_ARTICLES, PPL_TOKENS = 40, 256
 NO_GPTQ = ["passes.0.enabled=false", 'passes.2.op_types=["MatMul"]']
 DROP_HEAD = ["passes.2.head_bits=__drop__", "passes.2.head_block_size=__drop__"]  # grid = "source" settings
 HEAD8 = ['passes.0.exclude=["*lm_head*"]', "passes.2.head_bits=8"]  # the head rounded to nearest in 8 bits
+MIXED_BITS = 4.9
 OPTITOOL_RUNS = {
     "gptq-int4": [],
     "gptq-int4-head8": HEAD8,
     "gptq-int4-sym": ["passes.0.symmetric=true"],
+    # mixed precision: GPTQ's plan keeps the layers (the head among them) whose rounding costs the most KL per
+    # parameter in 8 bits, up to 4.9 code bits a weight on average (the size of the 8-bit-head row), and the
+    # head is stored in the bits the plan gave it
+    "gptq-mixed": [f"passes.0.bits_per_weight={MIXED_BITS}", "passes.2.head_bits=__drop__"],
     "gptq-int8": ["passes.0.bits=8", "passes.2.bits=8", "passes.2.head_bits=8"],  # GPTQ's 8-bit grids, exactly
     "imatrix-int4": ['passes.0.pass="imatrix"', "passes.0.act_order=__drop__"],
     "rtn-int4": ["passes.0.enabled=false", 'passes.2.grid="minmax"', 'passes.2.op_types=["MatMul"]', *DROP_HEAD],
@@ -84,6 +91,8 @@ OPTITOOL_CANDIDATES = [
     ("optitool int4 imatrix, 4-bit tied head/embedding", "imatrix-int4", "03-weight_only_quantize", LOOP),
     ("optitool int4 GPTQ, 8-bit tied head/embedding", "gptq-int4-head8", "03-weight_only_quantize", LOOP),
     ("optitool int4 GPTQ symmetric, 4-bit tied head/embedding", "gptq-int4-sym", "03-weight_only_quantize", LOOP),
+    (f"optitool GPTQ mixed 4/8 bits ({MIXED_BITS} bits per weight, layers chosen by measured KL)", "gptq-mixed",
+     "03-weight_only_quantize", LOOP),
     (EXAMPLE_ROW, "gptq-int4", "03-weight_only_quantize", LOOP),
     (EXAMPLE_ROW, "gptq-int4", "03-weight_only_quantize", GENAI_RUNTIME),
 ]

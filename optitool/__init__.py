@@ -14,7 +14,14 @@ import pluggy
 from optitool.architectures import Architecture, Layout, is_conv1d, keep_blocks
 from optitool.artifacts import ModelArtifact, OnnxModel, TorchModel
 from optitool.bench.runtimes import Runtime
-from optitool.calibration import BlockFeed, calibration_batches, observe_inputs, sequential_blocks
+from optitool.calibration import (
+    BlockFeed,
+    calibration_batches,
+    first_rows,
+    observe_inputs,
+    row_count,
+    sequential_blocks,
+)
 from optitool.data.inputs import Batch, InputSource
 from optitool.distributed import torchrun_world
 from optitool.errors import ConfigError, OptitoolError, PassError, RunError
@@ -74,6 +81,7 @@ __all__ = [
     "calibration_batches",
     "call_module",
     "copy_onnx",
+    "first_rows",
     "cache_argument",
     "greedy_with_cache",
     "hookimpl",
@@ -86,6 +94,7 @@ __all__ = [
     "open_decoder",
     "parameter_counts",
     "pooled",
+    "row_count",
     "save_onnx",
     "sequential_blocks",
     "token_blocks",

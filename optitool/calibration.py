@@ -52,6 +52,24 @@ def calibration_batches(model: ModelArtifact, ctx: PassContext, samples: int, *,
     return batches
 
 
+def first_rows(batches: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The first `count` rows (token blocks or examples) of `batches`, the last batch cut where needed: a
+    measurement that costs a forward pass per row takes fewer rows than the calibration itself."""
+    taken, left = [], count
+    for batch in batches:
+        if left <= 0:
+            break
+        rows = row_count(batch)
+        taken.append(batch if rows <= left else {k: v[:left] if hasattr(v, "shape") else v for k, v in batch.items()})
+        left -= rows
+    return taken
+
+
+def row_count(batch: dict[str, Any]) -> int:
+    """How many token blocks or examples a batch of model inputs holds (its tensors' first dimension)."""
+    return next(v.shape[0] for v in batch.values() if hasattr(v, "shape"))
+
+
 def observe_inputs(module: Any, layers: dict[str, Any], batches: list[dict[str, Any]], accumulate: Accumulate,
                    *, device: str = "cpu") -> None:
     """Run `batches` through `module` without gradients; for every layer in `layers` (name -> module) call

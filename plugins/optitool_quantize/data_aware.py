@@ -98,6 +98,7 @@ class GridQuantize(Pass):
     def _plan(self, model: TorchModel, batches: list[dict[str, Any]], ctx: PassContext,
               layout: Any) -> dict[str, int]:
         """Bits per covered layer: `bits` for all, or the measured 4/8 mix under bits_per_weight."""
+        from optitool import first_rows, row_count
         from optitool_quantize.mixed import average_bits, layer_sensitivity, plan_bits
 
         cfg: GridConfig = self.config
@@ -106,14 +107,15 @@ class GridQuantize(Pass):
         if cfg.bits_per_weight is None:
             return dict.fromkeys(layers, cfg.bits)
         transposed = {n for n, layer in layers.items() if is_conv1d(layer)}
-        measured_on = batches[:cfg.sensitivity_samples or 4]
+        measured_on = first_rows(batches, cfg.sensitivity_samples or 4)
         with ctx.progress(len(layers), f"{self.name}: sensitivity of each layer") as progress:
             sensitivity = layer_sensitivity(model.module, layers, measured_on, bits=4, block_size=cfg.block_size,
                                             symmetric=cfg.symmetric, transposed=transposed, device=ctx.device,
                                             done=lambda: progress.update(1))
         sizes = {n: layer.weight.numel() for n, layer in layers.items()}
         plan = plan_bits(sizes, sensitivity, cfg.bits_per_weight)
-        ctx.metrics.update(bits_per_weight=round(average_bits(sizes, plan), 4), sensitivity_blocks=len(measured_on),
+        ctx.metrics.update(bits_per_weight=round(average_bits(sizes, plan), 4),
+                           sensitivity_samples=sum(row_count(b) for b in measured_on),
                            layers_in_8_bits=sorted(n for n, b in plan.items() if b == 8),
                            layer_sensitivity={n: float(f"{v:.4g}") for n, v in sensitivity.items()})
         return plan

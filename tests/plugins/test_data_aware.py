@@ -308,7 +308,7 @@ def test_a_covered_head_is_stored_in_the_bits_its_mixed_plan_gave_it(tmp_path, o
     result = run_snippet(snippet, tmp_path)
     rounded, _, stored = result.report["stages"][1:]
     assert ("lm_head" in rounded["metrics"]["layers_in_8_bits"]) is (head_bits == 8)
-    assert rounded["metrics"]["sensitivity_blocks"] == 2
+    assert rounded["metrics"]["sensitivity_samples"] == 2
     assert stored["metrics"]["embedding_bits"] == [head_bits] and stored["metrics"]["blocks_on_source_grid"] == 1.0
     head = load_stage((result.run_dir / rounded["artifact"]).parent, LOADERS).module.get_output_embeddings()
     head = head.weight.detach().numpy().T
