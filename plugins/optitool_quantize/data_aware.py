@@ -99,7 +99,7 @@ class GridQuantize(Pass):
               layout: Any) -> dict[str, int]:
         """Bits per covered layer: `bits` for all, or the measured 4/8 mix under bits_per_weight."""
         from optitool import first_rows, row_count
-        from optitool_quantize.mixed import average_bits, layer_sensitivity, plan_bits
+        from optitool_quantize.mixed import average_bits, layer_sensitivity, plan_bits, sibling_groups
 
         cfg: GridConfig = self.config
         layers = self._layers(model.module, "")
@@ -108,13 +108,16 @@ class GridQuantize(Pass):
             return dict.fromkeys(layers, cfg.bits)
         transposed = {n for n, layer in layers.items() if is_conv1d(layer)}
         measured_on = first_rows(batches, cfg.sensitivity_samples or 4)
-        with ctx.progress(len(layers), f"{self.name}: sensitivity of each layer") as progress:
-            sensitivity = layer_sensitivity(model.module, layers, measured_on, bits=4, block_size=cfg.block_size,
-                                            symmetric=cfg.symmetric, transposed=transposed, device=ctx.device,
-                                            done=lambda: progress.update(1))
-        sizes = {n: layer.weight.numel() for n, layer in layers.items()}
-        plan = plan_bits(sizes, sensitivity, cfg.bits_per_weight)
-        ctx.metrics.update(bits_per_weight=round(average_bits(sizes, plan), 4),
+        groups = sibling_groups(model.module, layers, first_rows(batches, 1)[0], ctx.device)
+        with ctx.progress(len(groups), f"{self.name}: sensitivity of each layer") as progress:
+            sensitivity = layer_sensitivity(model.module, layers, groups, measured_on, bits=4,
+                                            block_size=cfg.block_size, symmetric=cfg.symmetric, transposed=transposed,
+                                            device=ctx.device, done=lambda: progress.update(1))
+        members = {" + ".join(group): group for group in groups}
+        sizes = {key: sum(layers[n].weight.numel() for n in group) for key, group in members.items()}
+        grouped = plan_bits(sizes, sensitivity, cfg.bits_per_weight)
+        plan = {name: grouped[key] for key, group in members.items() for name in group}
+        ctx.metrics.update(bits_per_weight=round(average_bits(sizes, grouped), 4),
                            sensitivity_samples=sum(row_count(b) for b in measured_on),
                            layers_in_8_bits=sorted(n for n, b in plan.items() if b == 8),
                            layer_sensitivity={n: float(f"{v:.4g}") for n, v in sensitivity.items()})

@@ -12,11 +12,41 @@ from collections.abc import Callable
 from typing import Any
 
 
-def layer_sensitivity(module: Any, layers: dict[str, Any], batches: list[dict[str, Any]], *, bits: int,
-                      block_size: int, symmetric: bool, transposed: set[str], device: str = "cpu",
+def sibling_groups(module: Any, layers: dict[str, Any], batch: dict[str, Any], device: str = "cpu") -> list[list[str]]:
+    """The layers grouped by the input tensor they read (a block's q/k/v, a gated MLP's gate/up): exporters pack
+    such siblings into one MatMul (onnxruntime-genai's builder does q/k/v), which has one bit width, so a plan
+    that gave them different bits would be stored in the wider one and overshoot its size target."""
+    import torch
+
+    from optitool import call_module, inputs_for
+
+    read: dict[str, Any] = {}  # layer -> its first input, kept alive so no two inputs share an id
+
+    def hook(name: str) -> Callable[..., None]:
+        def keep(_module: Any, args: tuple[Any, ...]) -> None:
+            read.setdefault(name, args[0])
+
+        return keep
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        with torch.inference_mode():
+            call_module(module, inputs_for(module, batch, device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[int, list[str]] = {}
+    for name in layers:
+        groups.setdefault(id(read[name]) if name in read else id(name), []).append(name)
+    return list(groups.values())
+
+
+def layer_sensitivity(module: Any, layers: dict[str, Any], groups: list[list[str]], batches: list[dict[str, Any]],
+                      *, bits: int, block_size: int, symmetric: bool, transposed: set[str], device: str = "cpu",
                       done: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Per layer, the mean KL(float model || model with only this layer rounded to nearest in `bits`) over the
-    calibration batches' positions; `done` is called after each layer (one forward pass per batch each)."""
+    """Per group of layers (named by its members joined with " + "), the mean KL(float model || model with only
+    this group rounded to nearest in `bits`) over the calibration batches' positions; `done` is called after
+    each group (one forward pass per batch each)."""
     import torch
 
     from optitool import call_module, inputs_for, main_output
@@ -34,20 +64,22 @@ def layer_sensitivity(module: Any, layers: dict[str, Any], batches: list[dict[st
     with torch.inference_mode():
         reference = [log_probs(b) for b in batches]
     found = {}
-    for name, layer in layers.items():
-        original = layer.weight.data.clone()
-        weight = original.t() if name in transposed else original
-        rounded, _, _ = round_to_grid(weight.float(), bits, block_size, symmetric)
-        layer.weight.data.copy_((rounded.t() if name in transposed else rounded).to(original.dtype))
+    for group in groups:
+        originals = {name: layers[name].weight.data.clone() for name in group}
         try:
+            for name, original in originals.items():
+                weight = original.t() if name in transposed else original
+                rounded, _, _ = round_to_grid(weight.float(), bits, block_size, symmetric)
+                layers[name].weight.data.copy_((rounded.t() if name in transposed else rounded).to(original.dtype))
             with torch.inference_mode():
                 total, count = 0.0, 0
                 for batch, ref in zip(batches, reference, strict=True):
                     kl = (ref.exp() * (ref - log_probs(batch))).sum(-1)
                     total, count = total + float(kl.sum()), count + kl.numel()
-            found[name] = total / max(count, 1)
+            found[" + ".join(group)] = total / max(count, 1)
         finally:
-            layer.weight.data.copy_(original)
+            for name, original in originals.items():
+                layers[name].weight.data.copy_(original)
         done()
     return found
 
