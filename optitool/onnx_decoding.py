@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,11 +77,8 @@ def appends_in_place(path: Path, present_of: dict[str, str]) -> bool:
     then writes each step's key/value into it where it stands (it compares the two pointers), instead of
     copying the whole cache into a new present every step. onnxruntime-genai's runtime runs the builder's
     graphs that way; on 2 CPU cores the copies cost SmolLM2-135M a fifth of its decode time."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
     consumers: dict[str, list[tuple[Any, int]]] = {}
-    for node in graph.node:
+    for node in graph_nodes(path):
         for index, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, index))
     for past, present in present_of.items():
@@ -93,6 +90,53 @@ def appends_in_place(path: Path, present_of: dict[str, str]) -> bool:
         if node.op_type != "GroupQueryAttention" or index not in (3, 4) or node.output[index - 2] != present:
             return False
     return True
+
+
+def graph_nodes(path: Path) -> list[Any]:
+    """The nodes of the ONNX graph at `path`, read without its initializers: the file is mapped and only the
+    graph's node records are parsed. onnx.load would hold every weight stored in the file in memory at once,
+    which for a graph with its weights inline (most of optitool's quantized stages) adds the model's size to
+    the peak memory of the process that decodes it."""
+    import mmap
+
+    import onnx
+
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for field, start, end in _length_delimited(data, 0, len(data)):
+            if field == 7:  # ModelProto.graph
+                return [onnx.NodeProto.FromString(data[a:b])
+                        for inner, a, b in _length_delimited(data, start, end) if inner == 1]  # GraphProto.node
+    return []
+
+
+def _length_delimited(data: Any, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the protobuf message in data[start:end]; the
+    other wire types are stepped over."""
+
+    def varint(at: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            byte = data[at]
+            value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
+            if byte < 0x80:
+                return value, at
+
+    at = start
+    while at < end:
+        key, at = varint(at)
+        wire = key & 7
+        if wire == 0:
+            _, at = varint(at)
+        elif wire == 1:
+            at += 8
+        elif wire == 5:
+            at += 4
+        elif wire == 2:
+            length, at = varint(at)
+            yield key >> 3, at, at + length
+            at += length
+        else:
+            raise ValueError(f"protobuf wire type {wire} (groups) is not used by ONNX files")
 
 
 def _head_dim_beside(session: Any, path: Path) -> int | None:
