@@ -42,8 +42,9 @@ class GridConfig(PassConfig):
         "split per parameter keep 8 bits, as many as this allows")
     sensitivity_samples: int | None = Field(
         None, ge=1, description="with bits_per_weight: the calibration token blocks (the first ones) each layer's KL "
-        "is measured on, 4 (or every block, when fewer) unless set; every covered layer costs one forward pass per "
-        "block (SmolLM2-135M's 211 layers, 4 blocks of 256 tokens: about 5 min on 2 cores)")
+        "is measured on, 4 (or every block, when fewer) unless set; every group of covered layers that read one "
+        "input costs one forward pass per block (SmolLM2-135M's 121 groups, 4 blocks of 256 tokens: about 3 min "
+        "on 2 cores)")
 
     @model_validator(mode="after")
     def _mixed(self) -> GridConfig:
