@@ -3,8 +3,9 @@
 Candidates, all measured in this one process, generation calls interleaved (the order rotates every round):
 - torch fp32 with its KV cache (the greedy loop generate() runs), the baseline;
 - optitool's stages, made by `optitool run examples/smollm2_int4.toml` with overrides: the fp32 graph with its
-  KV cache (onnxruntime-genai's builder as exporter), int8 weight-only (min/max, and GPTQ's 8-bit grids), int4
-  on the GGUF file's own Q4_1 grid (exact, with the offset term), int4 round to nearest (onnxruntime's min/max
+  KV cache (onnxruntime-genai's builder as exporter), int8 weight-only (min/max, and GPTQ's 8-bit grids, the
+  tied head with them or, on the GGUF base, kept on the file's Q8_0 grid), int4 on the GGUF file's own Q4_1
+  grid (exact, with the offset term), int4 round to nearest (onnxruntime's min/max
   grid), and the data-aware rows: imatrix, GPTQ with the tied head and embedding in 8 bits (rounded to
   nearest) or, the example, rounded by GPTQ in 4 bits, GPTQ on symmetric grids, and GPTQ's mixed 4/8-bit plan
   (the layers whose rounding costs the most KL on calibration blocks kept in 8 bits); all in optitool's own
@@ -28,7 +29,7 @@ fresh process; the time each model took to make; and the 4-bit issue's targets c
 Two base checkpoints (`--base`): `gguf`, the GGUF file dequantized to float32 (its weights sit on Q4_1 grids
 already), and `finetuned`, the float checkpoint `examples/smollm2_finetune.toml` makes from it (fine-tuned on
 BBC text, so on no grid: the normal case), made here first when missing. With `finetuned` every model is made
-from that stage (`--set model.source="stage"`), the source-grid row is left out (there is no grid to keep)
+from that stage (`--set model.source="stage"`), the source-grid rows are left out (there is no grid to keep)
 and the targets are the float model's: GPTQ's perplexity increase at most a third of round to nearest's and
 below k_quant_mixed's, at the same size and speed targets.
 Run: python -m benchmarks.smollm2_cpu [--base gguf|finetuned] [--rounds 10] [--reuse] [--llama-cpp DIR].
@@ -73,11 +74,16 @@ OPTITOOL_RUNS = {
     # head is stored in the bits the plan gave it
     "gptq-mixed": [f"passes.0.bits_per_weight={MIXED_BITS}", "passes.2.head_bits=__drop__"],
     "gptq-int8": ["passes.0.bits=8", "passes.2.bits=8", "passes.2.head_bits=8"],  # GPTQ's 8-bit grids, exactly
+    # GPTQ int8 on the blocks, the tied head and embedding left on the grid they sit on: the GGUF file's Q8_0
+    # (symmetric 8-bit blocks of 32), kept exactly, as onnxruntime-genai's int8 keeps them
+    "gptq-int8-source-head": ["passes.0.bits=8", "passes.2.bits=8", 'passes.0.exclude=["*lm_head*"]',
+                              "passes.2.head_bits=__drop__"],
     "imatrix-int4": ['passes.0.pass="imatrix"', "passes.0.act_order=__drop__"],
     "rtn-int4": ["passes.0.enabled=false", 'passes.2.grid="minmax"', 'passes.2.op_types=["MatMul"]', *DROP_HEAD],
     "source-int4": [*NO_GPTQ, "passes.2.head_bits=8"],
     "int8": [*NO_GPTQ, "passes.2.bits=8", 'passes.2.grid="minmax"', *DROP_HEAD],
 }
+SOURCE_GRID_RUNS = {"source-int4", "gptq-int8-source-head"}  # the GGUF base's rows only
 LOOP, GENAI_RUNTIME = "optitool's loop", "onnxruntime-genai's runtime"
 EXAMPLE_ROW = "optitool int4 GPTQ, 4-bit tied head/embedding (the example)"
 # (label, run, stage folder, runtime): every ONNX graph goes through optitool's decoding loop; the example also
@@ -86,6 +92,8 @@ OPTITOOL_CANDIDATES = [
     ("optitool fp32, genai exporter", "int8", "01-onnx_export", LOOP),
     ("optitool int8 weight-only (min/max)", "int8", "02-weight_only_quantize", LOOP),
     ("optitool int8 GPTQ, 8-bit tied head/embedding", "gptq-int8", "03-weight_only_quantize", LOOP),
+    ("optitool int8 GPTQ, tied head/embedding on the file's Q8_0 grid", "gptq-int8-source-head",
+     "03-weight_only_quantize", LOOP),
     ("optitool int4, source grid (Q4_1 kept exactly, offset term)", "source-int4", "02-weight_only_quantize", LOOP),
     ("optitool int4, round to nearest (onnxruntime's min/max grid)", "rtn-int4", "02-weight_only_quantize", LOOP),
     ("optitool int4 imatrix, 4-bit tied head/embedding", "imatrix-int4", "03-weight_only_quantize", LOOP),
@@ -214,7 +222,7 @@ def make_optitool_models(reuse: bool) -> dict[str, Path]:
     runs = {}
     for label, overrides in OPTITOOL_RUNS.items():
         if BASE is FINETUNED_BASE:
-            if label == "source-int4":  # no source grid on a float model
+            if label in SOURCE_GRID_RUNS:  # no source grid on a float model
                 continue
             overrides = [*overrides, 'model.source="stage"', f'model.path="{finetuned_stage()}"']
         out = BASE.work / label
