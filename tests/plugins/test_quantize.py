@@ -112,6 +112,24 @@ def test_weight_only_quantizes_gemm_layers_too_and_refuses_odd_blocks(tmp_path):
         run_snippet(MLP + '[[passes]]\npass = "weight_only_quantize"\nblock_size = 48\n', tmp_path)
 
 
+@pytest.mark.parametrize("setting, level", [("", 4), ("accuracy_level = 0\n", 0), ("accuracy_level = 1\n", 1)])
+def test_weight_only_on_the_cpu_takes_int8_activations_unless_told_otherwise(tmp_path, setting, level):
+    # the float paths of MatMulNBits dequantize whole weights per call on a CPU (8-bit: about 18x slower), so a
+    # model quantized for one gets the int8 kernels unless the user asks for another level
+    snippet = MLP + f'[[passes]]\npass = "weight_only_quantize"\nblock_size = 16\n{setting}'
+    result = run_snippet(snippet + '[benchmark]\ndevice = "cpu"\n', tmp_path)
+    stage = result.report["stages"][2]
+    levels = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+              for n in onnx.load(result.run_dir / stage["artifact"]).graph.node if n.op_type == "MatMulNBits"}
+    assert levels == {level} and stage["metrics"]["accuracy_level"] == level
+
+
+def test_weight_only_leaves_the_accuracy_level_unset_for_a_gpu():
+    from optitool_quantize.weight_only import default_accuracy_level
+
+    assert [default_accuracy_level(d) for d in ("cpu", "cuda", "cuda:1")] == [4, 0, 0]
+
+
 def test_weight_only_contract(tmp_path):
     from optitool_quantize.weight_only import WeightOnlyQuantize
 
