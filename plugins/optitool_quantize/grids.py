@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 SHRINK_STEPS = 20  # candidate ranges tried by the importance-weighted search: 100 % down to 50 %
-FIT_ROUNDS = 4  # least-squares steps refitted to their codes, the codes re-rounded between (as Lloyd's)
 
 
 def minmax_grid(w: Any, bits: int, symmetric: bool) -> tuple[Any, Any]:
@@ -38,14 +37,10 @@ def _grid(low: Any, high: Any, bits: int, symmetric: bool) -> tuple[Any, Any]:
 
 def quantize(w: Any, scale: Any, zero: Any, bits: int) -> Any:
     """`w` rounded onto the grid (scale, zero): the float values the stored codes stand for."""
-    return scale * (codes(w, scale, zero, bits) - zero)
-
-
-def codes(w: Any, scale: Any, zero: Any, bits: int) -> Any:
-    """The integer codes (as floats) `w` rounds to on the grid (scale, zero)."""
     import torch
 
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    codes = torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    return scale * (codes - zero)
 
 
 def searched_grid(w: Any, importance: Any, bits: int, symmetric: bool) -> tuple[Any, Any]:
@@ -54,10 +49,7 @@ def searched_grid(w: Any, importance: Any, bits: int, symmetric: bool) -> tuple[
     the inputs' Gram matrix over the block [block, block], e H e^T with the correlations between channels. The
     min/max range is shrunk by up to half, each candidate scored, the best kept per row (min/max itself is a
     candidate, so the error is never above round to nearest's). Outliers that min/max would let widen the step
-    are clipped when the channels that matter gain more than the clipped weights lose. Then the best grid's
-    step is fitted to its codes by weighted least squares, the codes re-rounded and the step refitted a few
-    times, with its zero point as it is and, asymmetric, one code either side: the best step often lies
-    between two shrink candidates."""
+    are clipped when the channels that matter gain more than the clipped weights lose."""
     import torch
 
     low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
@@ -71,26 +63,7 @@ def searched_grid(w: Any, importance: Any, bits: int, symmetric: bool) -> tuple[
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
         best_error = torch.where(better, error, best_error)
-    for shift in (0.0,) if symmetric else (0.0, -1.0, 1.0):
-        zero, scale = (best_zero + shift).clamp(0, 2**bits - 1), best_scale
-        for _ in range(FIT_ROUNDS):
-            scale = _fitted_scale(w, scale, zero, bits, importance)
-            error = _error(w, scale, zero, bits, importance)
-            better = error < best_error
-            best_scale = torch.where(better, scale, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
-            best_error = torch.where(better, error, best_error)
     return best_scale, best_zero
-
-
-def _fitted_scale(w: Any, scale: Any, zero: Any, bits: int, importance: Any) -> Any:
-    """The step that, for the codes (scale, zero) gives `w`, minimises the weighted error: a least-squares fit of
-    the codes to the weights, which a range that only shrinks cannot reach (a step between two candidates)."""
-    steps = codes(w, scale, zero, bits) - zero
-    weighted = steps @ importance if importance.dim() == 2 else steps * importance
-    num, den = (w * weighted).sum(1, keepdim=True), (steps * weighted).sum(1, keepdim=True)
-    fitted = num / den.clamp(min=1e-30)
-    return fitted.where((den > 0) & (fitted > 0), scale)
 
 
 def _error(w: Any, scale: Any, zero: Any, bits: int, importance: Any) -> Any:
