@@ -102,6 +102,12 @@ def test_weight_only_quantization_of_a_language_model(tmp_path, optitool_text_fo
     assert quantized["parameters"] == exported["parameters"]  # 4-bit blocks count as the weights they hold
     assert quantized["size_after_bytes"] < quantized["size_before_bytes"]  # a tiny graph's file is mostly structure
     assert quantized["perplexity"] / base["perplexity"] - 1 < max_rise and quantized["token_agreement"] > 0.5
+    from optitool_quantize.weight_only import default_accuracy_level
+
+    graph = onnx.load(result.run_dir / result.report["stages"][2]["artifact"]).graph
+    levels = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+              for n in graph.node if n.op_type == "MatMulNBits"}  # a decoder gets the device's default too
+    assert levels == {quantized["accuracy_level"]} == {default_accuracy_level(result.report["device"])}
 
 
 def test_weight_only_quantizes_gemm_layers_too_and_refuses_odd_blocks(tmp_path):
