@@ -57,12 +57,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    import torch
     import transformers
 
     import benchmarks.smollm2_cpu as smollm2
 
-    torch.set_num_threads(smollm2.THREADS)
     started = time.time()
     missing = [str(BASE / run / stage) for _, run, stage in MODELS if not (BASE / run / stage / "model.onnx").is_file()]
     if missing:

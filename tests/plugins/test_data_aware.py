@@ -262,6 +262,7 @@ def test_mixed_precision_meets_its_size_target_exactly_in_the_deployed_graph(tmp
     import torch
     import transformers
 
+    from optitool import is_conv1d
     from optitool.testing import tiny_causal_lm_dir
 
     if exporter == "genai":
@@ -278,8 +279,6 @@ def test_mixed_precision_meets_its_size_target_exactly_in_the_deployed_graph(tmp
     assert 4 < rounded["bits_per_weight"] <= 5.0 and rounded["layers_in_8_bits"]
     sensitivity = rounded["layer_sensitivity"]  # per group of layers that read one input
     chosen = set(rounded["layers_in_8_bits"])
-    from optitool import is_conv1d
-
     sizes = {n: m.weight.numel() for n, m in transformers.AutoModelForCausalLM.from_pretrained(folder).named_modules()
              if (isinstance(m, torch.nn.Linear) or is_conv1d(m)) and n != "lm_head"}
     groups = [key.split(" + ") for key in sensitivity]
