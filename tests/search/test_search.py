@@ -40,6 +40,7 @@ runtimes = ["torch_eager"]
 min_iterations = 3
 min_seconds = 0
 warmup = 1
+memory = false  # peak memory is a fresh process per stage: 8 s a trial, and no test here reads it
 [budget]
 min_fidelity = 0.9
 [search]
