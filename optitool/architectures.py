@@ -27,6 +27,12 @@ class Architecture:
     a size changes the field when every block agrees, so the config keeps describing the model.
     `head_attributes(attention, heads, head_dim)` gives the attention module's attributes that must follow
     a change of its head count (BERT and GPT-2 store them; Llama's attention reads shapes instead).
+
+    Where scales can be moved between layers (activation-aware quantization): `attention_norm` and `mlp_norm`
+    are the norms whose outputs only the attention's, and the MLP's, input projections read (pre-norm
+    families; a post-norm family such as BERT reads the residual stream itself and has none);
+    `mlp_linear_in` is the MLP input projection whose outputs reach `mlp_out` through no nonlinearity (Llama's
+    up_proj, multiplied by the activated gate; GPT-2's c_fc passes through a GELU and is not one).
     """
 
     family: str
@@ -42,6 +48,9 @@ class Architecture:
     config_keys: dict[str, str] = field(default_factory=dict)
     head_dim: Callable[[Any], int] | None = None
     head_attributes: Callable[[Any, int, int], dict[str, Any]] | None = None
+    attention_norm: str | None = None
+    mlp_norm: str | None = None
+    mlp_linear_in: str | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -86,6 +95,7 @@ GPT2 = Architecture(
     config_keys={"mlp_width": "n_inner", "layers": "n_layer"},
     head_dim=lambda c: int(c.n_embd // c.n_head),
     head_attributes=lambda attention, heads, dim: {"num_heads": heads, "split_size": heads * dim},
+    attention_norm="ln_1", mlp_norm="ln_2",
 )
 LLAMA = Architecture(
     family="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"),
@@ -96,6 +106,7 @@ LLAMA = Architecture(
     config_keys={"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim",
                  "mlp_width": "intermediate_size", "layers": "num_hidden_layers"},
     head_dim=lambda c: _config_head_dim(c, "num_attention_heads", "hidden_size"),
+    attention_norm="input_layernorm", mlp_norm="post_attention_layernorm", mlp_linear_in="mlp.up_proj",
 )
 BUILTIN_ARCHITECTURES = (BERT, GPT2, LLAMA)
 

@@ -32,6 +32,11 @@ class GridConfig(PassConfig):
     block_size: BlockSize = Field(32, description="input channels sharing one scale and zero point (a power "
                             "of 2; weight_only_quantize must use the same)")
     symmetric: bool = Field(False, description="zero point fixed at the middle code (no zero points stored)")
+    awq: bool = Field(False, description="activation-aware scales first (AWQ): the input channels of the layers "
+                      "that read one norm's output (and value -> attention output, up -> down projection) are "
+                      "multiplied by their calibration RMS to a power searched from 0 to 1 per group, the inverse "
+                      "folded into the norm or projection before them (exact in float), so loud channels get finer "
+                      "steps; needs a known transformer layout")
     calibration_samples: int = Field(32, ge=1, description="calibration token blocks (causal LMs) or examples")
     include: list[str] = Field(default_factory=lambda: ["*"], description="module name patterns covered")
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE),
@@ -96,6 +101,14 @@ class GridQuantize(Pass):
         """`weight` [out, in] on its `bits`-bit grids, given its inputs' Gram matrix [in, in]."""
         raise NotImplementedError
 
+    def scale_search_rounding(self, bits: int) -> Any:
+        """How awq's scale search rounds a weight (given the Gram matrix of its inputs) to score a scaling: this
+        method's rounding, or a cheaper stand-in for it."""
+        from optitool_quantize.grids import round_to_grid
+
+        cfg: GridConfig = self.config
+        return lambda weight, gram: round_to_grid(weight, bits, cfg.block_size, cfg.symmetric, importance=gram)[0]
+
     def _plan(self, model: TorchModel, batches: list[dict[str, Any]], ctx: PassContext,
               layout: Any) -> dict[str, int]:
         """Bits per covered layer: `bits` for all, or the measured 4/8 mix under bits_per_weight."""
@@ -139,6 +152,7 @@ class GridQuantize(Pass):
         started = time.perf_counter()
         plan = self._plan(model, batches, ctx, layout)
         errors: dict[str, tuple[float, float]] = {}
+        scaling = _Scaling(self, layout) if cfg.awq else None
         if layout is None:
             layers = self._layers(module, "")
             hessians = _Gram()
@@ -151,7 +165,9 @@ class GridQuantize(Pass):
                     if layers:
                         hessians = _Gram()
                         feed.observe(layers, hessians.add)
-                        self._round_all(layers, hessians, errors, plan)
+                        scales = scaling.apply(feed.block, f"{layout.blocks_path}.{feed.index}.", layers, hessians,
+                                               plan, cfg) if scaling else {}
+                        self._round_all(layers, hessians, errors, plan, scales)
                     progress.update(1)
             # Covered layers outside the blocks (the LM head, when `exclude` lets it in) see the rounded blocks'
             # outputs: one more pass over the calibration batches, the blocks already rounded.
@@ -160,6 +176,8 @@ class GridQuantize(Pass):
                 hessians = _Gram()
                 observe_inputs(module, outside, batches, hessians.add, device=ctx.device)
                 self._round_all(outside, hessians, errors, plan)
+        if scaling is not None:
+            ctx.metrics.update(scaling.metrics())
         ours = sum(e[0] for e in errors.values())
         nearest = sum(e[1] for e in errors.values())
         ctx.metrics.update(
@@ -190,7 +208,9 @@ class GridQuantize(Pass):
                             f"exclude={cfg.exclude}")
 
     def _round_all(self, layers: dict[str, Any], hessians: _Gram, errors: dict[str, tuple[float, float]],
-                   plan: dict[str, int]) -> None:
+                   plan: dict[str, int], scales: dict[str, Any] | None = None) -> None:
+        """Round every layer; `errors` gets, per layer, its error and round to nearest's on the weight as it was
+        before any channel scaling (`scales`: what its input channels were multiplied by)."""
         from optitool_quantize.grids import round_to_grid, weighted_error
         cfg: GridConfig = self.config
         for name, layer in layers.items():
@@ -205,9 +225,71 @@ class GridQuantize(Pass):
                                 f"block_size {cfg.block_size}; choose a block_size that divides it or exclude it")
             hessian = hessians.matrix(name)
             rounded = self.round_weight(weight, hessian, plan[name])
-            nearest, _, _ = round_to_grid(weight, plan[name], cfg.block_size, cfg.symmetric)
-            errors[name] = (weighted_error(weight, rounded, hessian), weighted_error(weight, nearest, hessian))
+            s = (scales or {}).get(name)
+            before, seen = (weight, hessian) if s is None else (weight / s, hessian * s[:, None] * s[None, :])
+            nearest, _, _ = round_to_grid(before, plan[name], cfg.block_size, cfg.symmetric)
+            errors[name] = (weighted_error(weight, rounded, hessian), weighted_error(before, nearest, seen))
             layer.weight.data.copy_((rounded.t() if transposed else rounded).to(layer.weight.dtype))
+
+
+class _Scaling:
+    """AWQ-style scales block by block: searched on the block's calibration Gram matrices, folded into the
+    model, and the Gram matrices changed to what the scaled layers will see (x / s)."""
+
+    def __init__(self, owner: GridQuantize, layout: Any) -> None:
+        if layout is None:
+            raise PassError(f"{owner.name}: awq = true needs a transformer layout optitool knows (its norms and "
+                            "projections by role); this model has none")
+        self.layout, self.scale_search_rounding = layout, owner.scale_search_rounding
+        self.alphas: dict[str, float] = {}
+        self.refused: dict[str, str] = {}
+        self.gain: list[tuple[float, float]] = []
+
+    def apply(self, block: Any, prefix: str, layers: dict[str, Any], hessians: _Gram, plan: dict[str, int],
+              cfg: GridConfig) -> dict[str, Any]:
+        from dataclasses import replace
+
+        from optitool_quantize.scaling import fold, scale_groups, search_scales
+
+        head_dim = None
+        try:
+            head_dim = self.layout.head_dim()
+        except PassError:
+            pass
+        groups, refused = scale_groups(block, prefix, self.layout.architecture, head_dim)
+        self.refused.update(refused)
+        chosen = []
+        for group in groups:
+            covered = [n for n in group.readers if n in layers and n in hessians.sums]
+            if not covered:
+                continue
+            weights = {n: layers[n].weight.detach().float().t() if is_conv1d(layers[n]) else
+                       layers[n].weight.detach().float() for n in covered}
+            grams = {n: hessians.matrix(n) for n in covered}
+            # only the covered readers' rounding is weighed (the others are scaled too, exactly, in float)
+            rounders = {n: self.scale_search_rounding(plan[n]) for n in covered}
+            alpha, producer_scales, error, plain = search_scales(replace(group, readers=covered), weights, grams,
+                                                                 rounders)
+            self.alphas[prefix + group.name] = alpha
+            self.gain.append((error, plain))
+            chosen.append((group, producer_scales))
+        scales: dict[str, Any] = {}
+        for group, producer_scales in chosen:  # after every search: each saw the block as it was
+            over_inputs = fold(group, producer_scales, {n: block.get_submodule(n[len(prefix):])
+                                                        for n in group.readers})
+            for name in group.readers:
+                scales[name] = over_inputs
+                if name in hessians.sums:  # the inputs the scaled layer sees are x / s
+                    inverse = (1.0 / over_inputs).double()
+                    hessians.sums[name] = hessians.sums[name] * inverse[:, None] * inverse[None, :]
+        return scales
+
+    def metrics(self) -> dict[str, Any]:
+        error = sum(e for e, _ in self.gain)
+        plain = sum(p for _, p in self.gain)
+        return {"awq_groups": len(self.alphas), "awq_alpha": self.alphas,
+                "awq_refused": dict(sorted(self.refused.items())),
+                "awq_error_vs_unscaled": round(error / plain, 4) if plain else None}
 
 
 class _Gram:

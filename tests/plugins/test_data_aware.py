@@ -95,9 +95,11 @@ def test_each_method_beats_round_to_nearest_on_the_error_the_data_sees(tmp_path,
     assert ctx.metrics["quantized_layers"] == len(_linear_weights(model))  # the head is left alone
 
 
-@pytest.mark.parametrize(("method", "with_embedding"), [("gptq", False), ("imatrix", False), ("gptq", True)])
-def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly(tmp_path, method, with_embedding,
+@pytest.mark.parametrize(("method", "with_embedding", "awq"),
+                         [("gptq", False, False), ("imatrix", False, False), ("gptq", True, False), ("gptq", False, True)])
+def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly(tmp_path, method, with_embedding, awq,
                                                                                optitool_text_folder):
+    """awq = true too: its scales folded into the norms and value/up projections travel through the export."""
     from onnx import numpy_helper
     from optitool_quantize.nbits import dequantize
 
@@ -105,13 +107,14 @@ def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly
     snippet = (f'[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nenabled = false\n'
                f'[data]\nsource = "folder"\npath = "{optitool_text_folder}"\nlabel_field = ""\n'
                'splits = { calibration = 0.5, eval = 0.5 }\n'
-               f'[[passes]]\npass = "{method}"\nblock_size = 16\ncalibration_samples = 8\n'
+               f'[[passes]]\npass = "{method}"\nblock_size = 16\ncalibration_samples = 8\nawq = {str(awq).lower()}\n'
                '[[passes]]\npass = "onnx_export"\n'
                '[[passes]]\npass = "weight_only_quantize"\nbits = 4\nblock_size = 16\ngrid = "source"\n'
                + ('op_types = ["MatMul", "Gather"]\n' if with_embedding else ''))
     result = run_snippet(snippet, tmp_path)
     rounded, exported, stored = result.report["stages"][1:]
     assert stored["metrics"]["weights_with_offsets"] == 0 and not stored["flags"]
+    assert ("awq_alpha" in rounded["metrics"]) == awq
     graph = onnx.load(result.run_dir / stored["artifact"]).graph
     ops = [n.op_type for n in graph.node]
     # 7 projections a block, and the tied head (left in float by the pass, rounded to nearest here)
