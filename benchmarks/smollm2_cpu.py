@@ -6,9 +6,10 @@ Candidates, all measured in this one process, generation calls interleaved (the 
   KV cache (onnxruntime-genai's builder as exporter), int8 weight-only (min/max, and GPTQ's 8-bit grids, the
   tied head with them or, on the GGUF base, kept on the file's Q8_0 grid), int4 on the GGUF file's own Q4_1
   grid (exact, with the offset term), int4 round to nearest (onnxruntime's min/max
-  grid), and the data-aware rows: imatrix, GPTQ with the tied head and embedding in 8 bits (rounded to
-  nearest) or, the example, rounded by GPTQ in 4 bits, GPTQ on symmetric grids, and GPTQ's mixed 4/8-bit plan
-  (the layers whose rounding costs the most KL on calibration blocks kept in 8 bits); all in optitool's own
+  grid), and the data-aware rows: imatrix, and GPTQ after AWQ-style channel scales (the example: the tied head
+  and embedding rounded by GPTQ in 4 bits; also with them in 8 bits rounded to nearest, on symmetric grids,
+  without the scales, and the mixed 4/8-bit plan: the layers whose rounding costs the most KL on calibration
+  blocks kept in 8 bits); all in optitool's own
   decoding loop (onnxruntime, the cache kept in onnxruntime between steps, appended in place by
   GroupQueryAttention), the example also in onnxruntime-genai's runtime (its folder keeps the builder's
   genai_config.json);
@@ -30,7 +31,7 @@ Two base checkpoints (`--base`): `gguf`, the GGUF file dequantized to float32 (i
 already), and `finetuned`, the float checkpoint `examples/smollm2_finetune.toml` makes from it (fine-tuned on
 BBC text, so on no grid: the normal case), made here first when missing. With `finetuned` every model is made
 from that stage (`--set model.source="stage"`), the source-grid rows are left out (there is no grid to keep)
-and the targets are the float model's: GPTQ's perplexity increase at most a third of round to nearest's and
+and the targets are the float model's: the example's perplexity increase at most a third of round to nearest's and
 below k_quant_mixed's, at the same size and speed targets.
 Run: python -m benchmarks.smollm2_cpu [--base gguf|finetuned] [--rounds 10] [--reuse] [--llama-cpp DIR].
 Writes benchmarks/results/smollm2_cpu.md and .json (gguf), smollm2_cpu_finetuned.md and .json (finetuned).
@@ -65,27 +66,29 @@ NO_GPTQ = ["passes.0.enabled=false", 'passes.2.op_types=["MatMul"]']
 DROP_HEAD = ["passes.2.head_bits=__drop__", "passes.2.head_block_size=__drop__"]  # grid = "source" settings
 HEAD8 = ['passes.0.exclude=["*lm_head*"]', "passes.2.head_bits=8"]  # the head rounded to nearest in 8 bits
 MIXED_BITS = 4.9
+NO_AWQ = ["passes.0.awq=false"]  # the example scales channels first (AWQ); these rows round the weights as they are
 OPTITOOL_RUNS = {
     "gptq-int4": [],
+    "gptq-int4-no-awq": NO_AWQ,
     "gptq-int4-head8": HEAD8,
     "gptq-int4-sym": ["passes.0.symmetric=true"],
     # mixed precision: GPTQ's plan keeps the layers (the head among them) whose rounding costs the most KL per
     # parameter in 8 bits, up to 4.9 code bits a weight on average (the size of the 8-bit-head row), and the
     # head is stored in the bits the plan gave it
     "gptq-mixed": [f"passes.0.bits_per_weight={MIXED_BITS}", "passes.2.head_bits=__drop__"],
-    "gptq-int8": ["passes.0.bits=8", "passes.2.bits=8", "passes.2.head_bits=8"],  # GPTQ's 8-bit grids, exactly
+    "gptq-int8": [*NO_AWQ, "passes.0.bits=8", "passes.2.bits=8", "passes.2.head_bits=8"],  # GPTQ's 8-bit grids
     # GPTQ int8 on the blocks, the tied head and embedding left on the grid they sit on: the GGUF file's Q8_0
     # (symmetric 8-bit blocks of 32), kept exactly, as onnxruntime-genai's int8 keeps them
-    "gptq-int8-source-head": ["passes.0.bits=8", "passes.2.bits=8", 'passes.0.exclude=["*lm_head*"]',
+    "gptq-int8-source-head": [*NO_AWQ, "passes.0.bits=8", "passes.2.bits=8", 'passes.0.exclude=["*lm_head*"]',
                               "passes.2.head_bits=__drop__"],
-    "imatrix-int4": ['passes.0.pass="imatrix"', "passes.0.act_order=__drop__"],
+    "imatrix-int4": [*NO_AWQ, 'passes.0.pass="imatrix"', "passes.0.act_order=__drop__"],
     "rtn-int4": ["passes.0.enabled=false", 'passes.2.grid="minmax"', 'passes.2.op_types=["MatMul"]', *DROP_HEAD],
     "source-int4": [*NO_GPTQ, "passes.2.head_bits=8"],
     "int8": [*NO_GPTQ, "passes.2.bits=8", 'passes.2.grid="minmax"', *DROP_HEAD],
 }
 SOURCE_GRID_RUNS = {"source-int4", "gptq-int8-source-head"}  # the GGUF base's rows only
 LOOP, GENAI_RUNTIME = "optitool's loop", "onnxruntime-genai's runtime"
-EXAMPLE_ROW = "optitool int4 GPTQ, 4-bit tied head/embedding (the example)"
+EXAMPLE_ROW = "optitool int4 AWQ + GPTQ, 4-bit tied head/embedding (the example)"
 # (label, run, stage folder, runtime): every ONNX graph goes through optitool's decoding loop; the example also
 # through onnxruntime-genai's runtime (its folder carries the builder's genai_config.json), as a user ships it
 OPTITOOL_CANDIDATES = [
@@ -97,9 +100,12 @@ OPTITOOL_CANDIDATES = [
     ("optitool int4, source grid (Q4_1 kept exactly, offset term)", "source-int4", "02-weight_only_quantize", LOOP),
     ("optitool int4, round to nearest (onnxruntime's min/max grid)", "rtn-int4", "02-weight_only_quantize", LOOP),
     ("optitool int4 imatrix, 4-bit tied head/embedding", "imatrix-int4", "03-weight_only_quantize", LOOP),
-    ("optitool int4 GPTQ, 8-bit tied head/embedding", "gptq-int4-head8", "03-weight_only_quantize", LOOP),
-    ("optitool int4 GPTQ symmetric, 4-bit tied head/embedding", "gptq-int4-sym", "03-weight_only_quantize", LOOP),
-    (f"optitool GPTQ mixed 4/8 bits ({MIXED_BITS} bits per weight, layers chosen by measured KL)", "gptq-mixed",
+    ("optitool int4 AWQ + GPTQ, 8-bit tied head/embedding", "gptq-int4-head8", "03-weight_only_quantize", LOOP),
+    ("optitool int4 AWQ + GPTQ symmetric, 4-bit tied head/embedding", "gptq-int4-sym", "03-weight_only_quantize",
+     LOOP),
+    ("optitool int4 GPTQ without AWQ's scales, 4-bit tied head/embedding", "gptq-int4-no-awq",
+     "03-weight_only_quantize", LOOP),
+    (f"optitool AWQ + GPTQ mixed 4/8 bits ({MIXED_BITS} bits per weight, layers chosen by measured KL)", "gptq-mixed",
      "03-weight_only_quantize", LOOP),
     (EXAMPLE_ROW, "gptq-int4", "03-weight_only_quantize", LOOP),
     (EXAMPLE_ROW, "gptq-int4", "03-weight_only_quantize", GENAI_RUNTIME),
@@ -226,8 +232,10 @@ def make_optitool_models(reuse: bool) -> dict[str, Path]:
                 continue
             overrides = [*overrides, 'model.source="stage"', f'model.path="{finetuned_stage()}"']
         out = BASE.work / label
-        if not (reuse and (out / "report.json").is_file()):
-            pipeline = example_variant([o for o in overrides if o.endswith("=__drop__")])
+        pipeline = example_variant([o for o in overrides if o.endswith("=__drop__")])
+        recipe = pipeline.read_text() + "\n# --set\n" + "\n".join(o for o in overrides if not o.endswith("=__drop__"))
+        made_from = out / "recipe.toml"  # --reuse takes a model only if made from this recipe (the code is trusted)
+        if not (reuse and (out / "report.json").is_file() and made_from.is_file() and made_from.read_text() == recipe):
             args = [sys.executable, "-m", "optitool.cli", "run", str(pipeline), "--output",
                     str(out), "--overwrite", "--no-benchmark", "--quiet"]
             for override in overrides:
@@ -235,6 +243,7 @@ def make_optitool_models(reuse: bool) -> dict[str, Path]:
                     args += ["--set", override]
             print(f"making {label}: optitool run examples/smollm2_int4.toml {' '.join(overrides)}", flush=True)
             run_timed(args, out, check=False)  # a budget that fails still leaves its stages
+            made_from.write_text(recipe)
         read_made_in(out, label)
         runs[label] = out
     return runs
