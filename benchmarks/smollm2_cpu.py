@@ -224,6 +224,15 @@ def read_made_in(out: Path, label: str) -> None:
         contended[label] = float(lines[1])
 
 
+def model_recipe(pipeline: Path, overrides: list[str]) -> str:
+    """What a model is made from: the pipeline's settings (not its comments) and the overrides on top."""
+    import tomllib
+
+    settings = tomllib.loads(pipeline.read_text())
+    return json.dumps({"pipeline": settings, "set": [o for o in overrides if not o.endswith("=__drop__")]},
+                      indent=1, sort_keys=True)
+
+
 def make_optitool_models(reuse: bool) -> dict[str, Path]:
     runs = {}
     for label, overrides in OPTITOOL_RUNS.items():
@@ -233,8 +242,8 @@ def make_optitool_models(reuse: bool) -> dict[str, Path]:
             overrides = [*overrides, 'model.source="stage"', f'model.path="{finetuned_stage()}"']
         out = BASE.work / label
         pipeline = example_variant([o for o in overrides if o.endswith("=__drop__")])
-        recipe = pipeline.read_text() + "\n# --set\n" + "\n".join(o for o in overrides if not o.endswith("=__drop__"))
-        made_from = out / "recipe.toml"  # --reuse takes a model only if made from this recipe (the code is trusted)
+        recipe = model_recipe(pipeline, overrides)
+        made_from = out / "recipe.json"  # --reuse takes a model only if made from this recipe (the code is trusted)
         if not (reuse and (out / "report.json").is_file() and made_from.is_file() and made_from.read_text() == recipe):
             args = [sys.executable, "-m", "optitool.cli", "run", str(pipeline), "--output",
                     str(out), "--overwrite", "--no-benchmark", "--quiet"]
