@@ -166,7 +166,7 @@ class GridQuantize(Pass):
                         hessians = _Gram()
                         feed.observe(layers, hessians.add)
                         scales = scaling.apply(feed.block, f"{layout.blocks_path}.{feed.index}.", layers, hessians,
-                                               plan, cfg) if scaling else {}
+                                               plan) if scaling else {}
                         self._round_all(layers, hessians, errors, plan, scales)
                     progress.update(1)
             # Covered layers outside the blocks (the LM head, when `exclude` lets it in) see the rounded blocks'
@@ -241,22 +241,21 @@ class _Scaling:
             raise PassError(f"{owner.name}: awq = true needs a transformer layout optitool knows (its norms and "
                             "projections by role); this model has none")
         self.layout, self.scale_search_rounding = layout, owner.scale_search_rounding
+        try:  # grouped-query value heads are laid out by it; a family without one folds no value -> output
+            self.head_dim: int | None = layout.head_dim()
+        except PassError:
+            self.head_dim = None
         self.alphas: dict[str, float] = {}
         self.refused: dict[str, str] = {}
         self.gain: list[tuple[float, float]] = []
 
-    def apply(self, block: Any, prefix: str, layers: dict[str, Any], hessians: _Gram, plan: dict[str, int],
-              cfg: GridConfig) -> dict[str, Any]:
+    def apply(self, block: Any, prefix: str, layers: dict[str, Any], hessians: _Gram,
+              plan: dict[str, int]) -> dict[str, Any]:
         from dataclasses import replace
 
         from optitool_quantize.scaling import fold, scale_groups, search_scales
 
-        head_dim = None
-        try:
-            head_dim = self.layout.head_dim()
-        except PassError:
-            pass
-        groups, refused = scale_groups(block, prefix, self.layout.architecture, head_dim)
+        groups, refused = scale_groups(block, prefix, self.layout.architecture, self.head_dim)
         self.refused.update(refused)
         chosen = []
         for group in groups:
