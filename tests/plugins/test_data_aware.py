@@ -101,7 +101,7 @@ def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly
                                                                                optitool_text_folder):
     """awq = true too: its scales folded into the norms and value/up projections travel through the export."""
     from onnx import numpy_helper
-    from optitool_quantize.nbits import dequantize
+    from optitool_quantize.siblings import unfused_weights
 
     folder, _ = _tiny(tmp_path, "llama")
     snippet = (f'[model]\nsource = "hf"\npath = "{folder}"\nmax_length = 16\n[benchmark]\nenabled = false\n'
@@ -117,8 +117,9 @@ def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly
     assert ("awq_alpha" in rounded["metrics"]) == awq
     graph = onnx.load(result.run_dir / stored["artifact"]).graph
     ops = [n.op_type for n in graph.node]
-    # 7 projections a block, and the tied head (left in float by the pass, rounded to nearest here)
-    assert ops.count("MatMulNBits") == 2 * 7 + 1 and "ReduceSum" not in ops  # no offset term on the hot path
+    # 7 projections a block (q/k/v and gate/up merged, as they read one input each), and the tied head (left in
+    # float by the pass, rounded to nearest here)
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and "ReduceSum" not in ops  # no offset term on the hot path
     source = onnx.load(result.run_dir / exported["artifact"]).graph
     arrays = {i.name: numpy_helper.to_array(i) for i in [*source.initializer, *graph.initializer]}
     originals = {n.name: arrays[n.input[1]] for n in source.node if n.op_type == "MatMul" and n.input[1] in arrays}
@@ -130,11 +131,11 @@ def test_rounded_weights_sit_on_integer_grids_that_the_onnx_graph_stores_exactly
     torch_stage = load_stage((result.run_dir / rounded["artifact"]).parent, LOADERS)  # reloaded as saved
     head = torch_stage.module.get_output_embeddings().weight.detach().numpy().T
     checked = 0
-    for node in graph.node:
-        weight = originals.get(node.name.rsplit("_Q", 1)[0]) if node.op_type == "MatMulNBits" else None
+    for name, stored_weight in unfused_weights(graph, arrays).items():
+        weight = originals.get(name.rsplit("_Q", 1)[0])
         if weight is not None and not np.array_equal(weight, head):
             checked += 1
-            np.testing.assert_allclose(dequantize(node, arrays), weight, rtol=0, atol=1e-6 * np.abs(weight).max())
+            np.testing.assert_allclose(stored_weight, weight, rtol=0, atol=1e-6 * np.abs(weight).max())
     assert checked == 2 * 7
     if with_embedding:  # the tied table is stored once, in the head's 8 bits, and read by both
         gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
@@ -293,7 +294,8 @@ def test_mixed_precision_meets_its_size_target_exactly_in_the_deployed_graph(tmp
     costliest = max(groups, key=lambda g: sensitivity[" + ".join(g)] / sum(sizes[n] for n in g))
     assert set(costliest) <= chosen
     graph = onnx.load(result.run_dir / result.report["stages"][3]["artifact"]).graph
-    from onnx import helper
+    from onnx import helper, numpy_helper
+    from optitool_quantize.siblings import unfused_weights
 
     def attr(node, name):
         return helper.get_attribute_value(next(a for a in node.attribute if a.name == name))
@@ -301,7 +303,11 @@ def test_mixed_precision_meets_its_size_target_exactly_in_the_deployed_graph(tmp
     blocks = [(attr(n, "bits"), attr(n, "K") * attr(n, "N")) for n in graph.node
               if n.op_type == "MatMulNBits" and n.output[0] != "logits"]  # the tied head is not the pass's
     packed = 1 if exporter == "genai" else 3  # the builder packs q/k/v
-    assert len(blocks) == 2 * (4 + packed if family == "llama" else 4)
+    # gate/up (and dynamo's q/k/v) are merged into one node each: counted here as the projections they were
+    head = {n.name for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"}
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    projections = [name for name in unfused_weights(graph, arrays) if name not in head]
+    assert len(projections) == 2 * (4 + packed if family == "llama" else 4)
     assert sum(b * n for b, n in blocks) / sum(n for _, n in blocks) == pytest.approx(rounded["bits_per_weight"],
                                                                                         abs=1e-4)
     assert stored["weights_with_offsets"] == 0

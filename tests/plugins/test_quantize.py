@@ -169,14 +169,11 @@ def _stored_weights(path) -> dict[str, np.ndarray]:
     MatMulNBits blocks dequantized, plus the per-block offset term of a source grid (its sums of x times
     offsets [blocks, N] are a weight constant within each block)."""
     from onnx import numpy_helper
-    from optitool_quantize.nbits import dequantize
+    from optitool_quantize.siblings import unfused_weights
 
     graph = onnx.load(path).graph
     arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    weights = {}
-    for node in graph.node:
-        if node.op_type == "MatMulNBits":
-            weights[node.name.rsplit("_Q", 1)[0]] = dequantize(node, arrays)
+    weights = {name.rsplit("_Q", 1)[0]: weight for name, weight in unfused_weights(graph, arrays).items()}
     for node in graph.node:
         if node.op_type == "MatMul" and node.name.endswith("_off"):
             offsets = arrays[node.input[1]]
@@ -207,7 +204,9 @@ def test_int4_on_the_grid_the_weights_came_from_is_lossless(tmp_path, optitool_t
     _, exported, quantized = (s["metrics"] for s in result.report["stages"])
     graph = onnx.load(result.run_dir / result.report["stages"][2]["artifact"])
     ops = [n.op_type for n in graph.graph.node]
-    assert ops.count("MatMulNBits") == 2 * 7 + 1 and "Transpose" not in [
+    # 7 projections a block, the tied head; q/k/v and gate/up each read one input and are merged into one node
+    assert quantized["fused_matmul_groups"] == 2 * 2 and ops.count("Split") == 2 * 2
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and "Transpose" not in [
         n.op_type for n in graph.graph.node if n.input and n.input[0] in {i.name for i in graph.graph.initializer}]
     source = onnx.load(result.run_dir / result.report["stages"][1]["artifact"]).graph
     arrays = {i.name: numpy_helper.to_array(i) for i in source.initializer}
