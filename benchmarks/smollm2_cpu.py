@@ -225,12 +225,20 @@ def read_made_in(out: Path, label: str) -> None:
 
 
 def model_recipe(pipeline: Path, overrides: list[str]) -> str:
-    """What a model is made from: the pipeline's settings (not its comments) and the overrides on top."""
+    """What a model is made from: the pipeline's settings (not its comments), the overrides on top, and the code
+    that makes it (digests of optitool's core and of each built-in plugin package, as the stage cache keys them):
+    a model made before an edit to either is made again."""
     import tomllib
 
+    import optitool
+    from optitool.cache import code_digest
+
     settings = tomllib.loads(pipeline.read_text())
-    return json.dumps({"pipeline": settings, "set": [o for o in overrides if not o.endswith("=__drop__")]},
-                      indent=1, sort_keys=True)
+    code = {package.name: code_digest(package / "__init__.py") for package in sorted((ROOT / "plugins").iterdir())
+            if (package / "__init__.py").is_file()}
+    code["optitool"] = code_digest(optitool.__file__)
+    return json.dumps({"pipeline": settings, "set": [o for o in overrides if not o.endswith("=__drop__")],
+                       "code": code}, indent=1, sort_keys=True)
 
 
 def make_optitool_models(reuse: bool) -> dict[str, Path]:
@@ -243,7 +251,7 @@ def make_optitool_models(reuse: bool) -> dict[str, Path]:
         out = BASE.work / label
         pipeline = example_variant([o for o in overrides if o.endswith("=__drop__")])
         recipe = model_recipe(pipeline, overrides)
-        made_from = out / "recipe.json"  # --reuse takes a model only if made from this recipe (the code is trusted)
+        made_from = out / "recipe.json"  # --reuse takes a model only if made from this recipe and code
         if not (reuse and (out / "report.json").is_file() and made_from.is_file() and made_from.read_text() == recipe):
             args = [sys.executable, "-m", "optitool.cli", "run", str(pipeline), "--output",
                     str(out), "--overwrite", "--no-benchmark", "--quiet"]
