@@ -24,6 +24,8 @@ def fuse_sibling_matmuls(model: Any) -> int:
     import numpy as np
     from onnx import helper, numpy_helper
 
+    from optitool_quantize.source_grid import replace_nodes
+
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
     readers: dict[str, int] = {}
@@ -76,11 +78,7 @@ def fuse_sibling_matmuls(model: Any) -> int:
             kept.extend(replacement[id(node)])
         elif id(node) not in dropped:
             kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
-    used = {name for node in graph.node for name in node.input}
-    for initializer in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(initializer)
+    replace_nodes(model, kept, contrib=True)
     return len(merged)
 
 
